@@ -1,0 +1,70 @@
+"""Crash-safe checkpoints for `accelerate` training loops.
+
+A checkpoint is written to `checkpoint-N.partial` and renamed to `checkpoint-N` only when
+complete, so a job killed at any moment resumes from the last whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"`resume_from_checkpoint` must name a `checkpoint-N` folder, got {str(path)!r}.")
+    return int(match.group(1))
+
+
+def resolve_resume_path(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
+    """Turn `--resume_from_checkpoint` ('latest', a path, or None) into a checkpoint folder, or None to start fresh."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        path = Path(output_dir) / resume_from_checkpoint
+    if not path.is_dir():
+        raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint folder.")
+    checkpoint_step(path)
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """Save the full training state atomically and keep at most `total_limit` checkpoints."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

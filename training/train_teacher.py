@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Train the ShapesWorld teacher: a tiny Stable Diffusion (CLIP text encoder, AutoencoderKL, UNet) from scratch.
+
+Two stages in one resumable run:
+  1. steps [0, vae_train_steps): the VAE, as an autoencoder with a lightly weighted KL term;
+  2. the next `max_train_steps`: the VAE is frozen, its `scaling_factor` set so latents have unit
+     variance, and the text encoder and UNet learn epsilon prediction under SD's own DDPM
+     schedule, with empty and partial captions mixed in for classifier-free guidance and
+     partial prompts.
+
+    accelerate launch training/train_teacher.py --output_dir runs/shapes-teacher \\
+        --vae_train_steps 800 --max_train_steps 6000 --resume_from_checkpoint latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
+from fastgen_diffusers.shapes.teacher_config import (
+    SCALES,
+    make_noise_scheduler,
+    make_sampling_scheduler,
+    make_text_encoder,
+    make_unet,
+    make_vae,
+)
+from fastgen_diffusers.shapes.tokenizer import build_tokenizer
+from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
+from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
+from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card, training_command
+from fastgen_diffusers.training.validation import save_image_grid
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_training_args(parser)
+    group = parser.add_argument_group("model")
+    group.add_argument("--scale", type=str, default="full", choices=SCALES, help="'micro' is for tests only.")
+    group = parser.add_argument_group("data")
+    group.add_argument("--num_train_samples", type=int, default=200_000, help="Rows in the training split.")
+    group.add_argument("--partial_caption_prob", type=float, default=0.3)
+    group.add_argument("--empty_caption_prob", type=float, default=0.1, help="Caption dropout for CFG.")
+    group = parser.add_argument_group("vae stage")
+    group.add_argument("--vae_train_steps", type=int, default=800)
+    group.add_argument("--vae_learning_rate", type=float, default=1e-3)
+    group.add_argument("--kl_weight", type=float, default=1e-6)
+    group = parser.add_argument_group("unet stage")
+    group.add_argument("--learning_rate", type=float, default=5e-4)
+    group.add_argument("--lr_warmup_steps", type=int, default=200)
+    group.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off.")
+    group.add_argument("--ema_decay", type=float, default=0.999)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    check_common_training_args(args)
+    if args.vae_train_steps <= 0:
+        raise ValueError(f"`--vae_train_steps` must be positive, got {args.vae_train_steps}.")
+    return args
+
+
+class VAEWithKL(nn.Module):
+    """One forward for the VAE stage, so DDP sees the whole graph: reconstruction and KL."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixel_values).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        return reconstruction, posterior.kl().mean()
+
+
+def vae_loss(reconstruction: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    # L1 keeps edges sharp; the image-gradient term is what keeps small shapes' corners apart.
+    l1 = F.l1_loss(reconstruction, target)
+    dx = F.l1_loss(reconstruction.diff(dim=-1), target.diff(dim=-1))
+    dy = F.l1_loss(reconstruction.diff(dim=-2), target.diff(dim=-2))
+    return l1 + 0.5 * (dx + dy) + kl_weight * kl
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, pixel_values: torch.Tensor) -> float:
+    """1 / std of the posterior means, so the diffusion model sees unit-variance latents (SD's 0.18215)."""
+    return float(1.0 / vae.encode(pixel_values).latent_dist.mean.std())
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order after a resume
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+
+    with tempfile.TemporaryDirectory() as tokenizer_files:
+        tokenizer = build_tokenizer(tokenizer_files)
+    vae, text_encoder, unet = make_vae(args.scale), make_text_encoder(tokenizer, args.scale), make_unet(args.scale)
+    noise_scheduler = make_noise_scheduler()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    vae_step = VAEWithKL(vae)
+    vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
+    diffusion_params = list(itertools.chain(unet.parameters(), text_encoder.parameters()))
+    optimizer = torch.optim.AdamW(diffusion_params, lr=args.learning_rate, weight_decay=1e-2)
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup",
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    ema = EMAModel(diffusion_params, decay=args.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+
+    dataset = build_dataset(
+        args.num_train_samples,
+        seed=args.seed,
+        split="train",
+        partial_caption_prob=args.partial_caption_prob,
+        empty_caption_prob=args.empty_caption_prob,
+    )
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=TextImageCollator(tokenizer),
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    vae_step, vae_optimizer, unet, text_encoder, optimizer, lr_scheduler, dataloader = accelerator.prepare(
+        vae_step, vae_optimizer, unet, text_encoder, optimizer, lr_scheduler, dataloader
+    )
+    ema.to(accelerator.device)
+
+    total_steps = args.vae_train_steps + args.max_train_steps
+    global_step = 0
+    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_teacher", config={k: v for k, v in vars(args).items() if v is not None})
+
+    # Fixed images that set the latent scale: the same on every resume.
+    scale_batch = images_to_tensor(build_dataset(512, seed=args.seed + 1, split="train")[:]["image"])
+    scale_batch = scale_batch.to(accelerator.device)
+    raw_vae = accelerator.unwrap_model(vae_step).vae
+    validation_prompts = [p.caption for p in evaluation_prompts(args.num_validation_images, seed=args.seed)]
+
+    batches_per_epoch = len(dataloader)
+    epoch, skip = divmod(global_step, batches_per_epoch)
+
+    def batches():
+        for e in itertools.count(epoch):
+            dataloader.set_epoch(e)
+            loader = accelerator.skip_first_batches(dataloader, skip) if e == epoch and skip else dataloader
+            yield from loader
+
+    data = batches()
+    progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    while global_step < total_steps:
+        batch = next(data)
+        if global_step < args.vae_train_steps:
+            with accelerator.accumulate(vae_step):
+                reconstruction, kl = vae_step(batch["pixel_values"])
+                loss = vae_loss(reconstruction, batch["pixel_values"], kl, args.kl_weight)
+                accelerator.backward(loss)
+                vae_optimizer.step()
+                vae_optimizer.zero_grad()
+        else:
+            if raw_vae.training:  # first UNet step of this process: freeze the VAE and fix the latent scale
+                raw_vae.eval().requires_grad_(False)
+                raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, scale_batch))
+                logger.info(f"VAE frozen; scaling_factor = {raw_vae.config.scaling_factor:.4f}")
+            with accelerator.accumulate(unet, text_encoder):
+                with torch.no_grad():
+                    latents = raw_vae.encode(batch["pixel_values"]).latent_dist.sample()
+                    latents = latents * raw_vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+                timesteps = timesteps.to(latents.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma > 0:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    loss = loss * torch.clamp(snr, max=args.snr_gamma) / snr
+                loss = loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(diffusion_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+        if not accelerator.sync_gradients:
+            continue
+        if global_step >= args.vae_train_steps:
+            ema.step(diffusion_params)
+        global_step += 1
+        progress.update(1)
+        logs = {"loss": accelerator.gather(loss.detach().reshape(1)).mean().item(), "stage": int(global_step > args.vae_train_steps)}
+        progress.set_postfix(**logs)
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        in_unet_stage = global_step > args.vae_train_steps
+        if accelerator.is_main_process and in_unet_stage and (global_step % args.validation_steps == 0):
+            ema.store(diffusion_params)
+            ema.copy_to(diffusion_params)
+            pipeline = build_pipeline(
+                raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet)
+            )
+            pipeline.set_progress_bar_config(disable=True)
+            generator = torch.Generator().manual_seed(args.seed)
+            images = pipeline(validation_prompts, num_inference_steps=25, guidance_scale=4.0, generator=generator).images
+            save_image_grid(images, output_dir / "validation" / f"step-{global_step}.png")
+            ema.restore(diffusion_params)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ema.copy_to(diffusion_params)
+        pipeline = build_pipeline(
+            raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet)
+        )
+        pipeline.save_pretrained(str(output_dir))
+        save_model_card(
+            output_dir,
+            template="shapes_teacher",
+            fields={"command": training_command(), "steps": str(args.max_train_steps), "vae_steps": str(args.vae_train_steps)},
+            tags=["text-to-image", "stable-diffusion", "shapesworld"],
+        )
+        if args.push_to_hub:
+            push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
