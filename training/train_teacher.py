@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fastgen_diffusers.pipelines.auto import write_fastgen_metadata
 from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
 from fastgen_diffusers.shapes.teacher_config import (
     SCALES,
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
             raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet)
         )
         pipeline.save_pretrained(str(output_dir))
+        write_fastgen_metadata(
+            output_dir, {"method": "teacher", "default_inference": {"num_inference_steps": 25, "guidance_scale": 4.0}}
+        )
         save_model_card(
             output_dir,
             template="shapes_teacher",

@@ -46,23 +46,27 @@ def build_dataset(
     split: str = "train",
     partial_caption_prob: float = 0.0,
     empty_caption_prob: float = 0.0,
+    include_held_out: bool | None = None,
 ) -> datasets.Dataset:
     """ShapesWorld rows with columns image (drawn on access), caption, seed and one column per attribute.
 
     `partial_caption_prob` and `empty_caption_prob` set how often the caption leaves attributes out
     (the image always shows all five), which is how a text-to-image model learns partial prompts and
-    the unconditional branch for classifier-free guidance.
+    the unconditional branch for classifier-free guidance. Held-out (colour, shape) pairs appear
+    in the eval split only, unless `include_held_out` says otherwise (the judge sees them all).
     """
     _check_split(split)
     if num_samples <= 0:
         raise ValueError(f"`num_samples` must be positive, got {num_samples}.")
     if not 0.0 <= partial_caption_prob + empty_caption_prob <= 1.0:
         raise ValueError("`partial_caption_prob` + `empty_caption_prob` must lie in [0, 1].")
+    if include_held_out is None:
+        include_held_out = split == "eval"
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     offset = EVAL_SEED_OFFSET if split == "eval" else 0
     rows: dict[str, list] = {"caption": [], "seed": [], **{n: [] for n in ATTRIBUTE_NAMES}}
     for i in range(num_samples):
-        attributes = _random_attributes(rng, allow_held_out=split == "eval")
+        attributes = _random_attributes(rng, allow_held_out=include_held_out)
         u = rng.random()
         if u < empty_caption_prob:
             caption = ""

@@ -1,0 +1,158 @@
+"""The `fastgen` command: generate images and evaluate models. Training goes through `accelerate launch`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import assets
+from .pipelines.auto import FastPipeline, read_fastgen_metadata, resolve_model_location
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help=f"An embedded model ({', '.join(assets.names())}), a local folder or a Hub id."
+    )
+    parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's).")
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="Write images for prompts to a folder.")
+    _add_model_args(generate)
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="One prompt.")
+    prompts.add_argument("--prompts", type=Path, help="A text file with one prompt per line.")
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--num-images", type=_positive_int, default=1, help="Images per prompt.")
+    generate.add_argument("--out", type=Path, required=True, help="Output folder (created if missing).")
+
+    evaluate = commands.add_parser("eval", help="Score a model on ShapesWorld evaluation prompts.")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--n", type=_positive_int, default=1000, help="Number of evaluation prompts.")
+    evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    return parser
+
+
+def load_pipeline(model: str, parser: argparse.ArgumentParser):
+    location = resolve_model_location(model)
+    if not Path(location).exists() and location.count("/") != 1:
+        parser.error(f"--model {model!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+    try:
+        pipe = FastPipeline.from_pretrained(location)
+    except (ValueError, OSError) as error:
+        parser.error(f"--model {model!r} could not be loaded: {error}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, read_fastgen_metadata(location)
+
+
+def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Steps and guidance from the command line, else from the checkpoint's fastgen.json, else the pipeline's."""
+    defaults = metadata.get("default_inference", {})
+    return {
+        "num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps"),
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale"),
+    }
+
+
+def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .shapes.evaluate import generate_images
+
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            parser.error(f"--prompts {str(args.prompts)!r} does not exist or is not a file.")
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        if not prompts:
+            parser.error(f"--prompts {str(args.prompts)!r} has no prompts.")
+    else:
+        prompts = [args.prompt]
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file; give a folder.")
+
+    pipe, metadata = load_pipeline(args.model, parser)
+    settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt}
+    expanded = [prompt for prompt in prompts for _ in range(args.num_images)]
+    images = generate_images(pipe, expanded, seed=args.seed, batch_size=args.batch_size, **settings)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (prompt, image) in enumerate(zip(expanded, images)):
+        name = f"{i:05d}.png"
+        image.save(args.out / name)
+        records.append({"file": name, "prompt": prompt, "seed": args.seed, "index": i, "model": args.model, **settings})
+    index = args.out / "index.jsonl"
+    partial = index.with_name("index.jsonl.partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(partial, index)
+    print(f"Wrote {len(images)} images to {args.out}/ (index: {index})")
+
+
+def format_table(model: str, settings: dict[str, Any], result: dict[str, Any]) -> str:
+    adherence, held_out = result["adherence"], result["held_out_adherence"]
+    columns = ["all", "shape", "colour", "size", "position", "background"]
+    steps, guidance = settings.get("num_inference_steps"), settings.get("guidance_scale")
+    lines = [
+        f"model: {model}   steps: {steps if steps is not None else 'default'}   "
+        f"guidance: {guidance if guidance is not None else 'default'}   n: {result['n']}",
+        "| split | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        "| all prompts | " + " | ".join(f"{adherence[c]:.3f}" for c in columns) + " |",
+    ]
+    if held_out:
+        lines.append("| held-out pairs | " + " | ".join(f"{held_out[c]:.3f}" for c in columns) + " |")
+    lines.append(
+        f"shapes_fd: {result['shapes_fd']:.3f}   brightness error (black/white backgrounds, 0-255): "
+        f"{result['brightness_error']:.2f}   images/s: {result['images_per_second']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .shapes.evaluate import evaluate_pipeline
+    from .shapes.judge import ShapesJudge
+
+    pipe, metadata = load_pipeline(args.model, parser)
+    settings = sampling_kwargs(args, metadata)
+    result = evaluate_pipeline(
+        pipe, ShapesJudge.from_pretrained(), num_prompts=args.n, seed=args.seed, batch_size=args.batch_size, **settings
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, "seed": args.seed, **settings, **result}))
+    else:
+        print(format_table(args.model, settings, result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        run_generate(args, parser)
+    else:
+        run_eval(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+from .auto import FastPipeline
+from .instaflow import InstaFlowPipeline

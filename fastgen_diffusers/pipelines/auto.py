@@ -1,0 +1,108 @@
+"""`FastPipeline`: the front door that picks the right pipeline class for a checkpoint.
+
+Like Diffusers' `AutoPipeline*` classes it reads `model_index.json`, but it also knows the
+package's own pipelines and the published layouts they load (InstaFlow's checkpoints say
+`RectifiedFlowPipeline`). Embedded ShapesWorld asset names work wherever a path does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import diffusers
+from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+
+from .. import assets
+
+
+# `_class_name` in model_index.json -> "module:Class" of the pipeline that loads it.
+PIPELINE_CLASSES: dict[str, str] = {
+    "InstaFlowPipeline": "fastgen_diffusers.pipelines.instaflow:InstaFlowPipeline",
+    "RectifiedFlowPipeline": "fastgen_diffusers.pipelines.instaflow:InstaFlowPipeline",
+    "OneStepPipeline": "fastgen_diffusers.pipelines.one_step:OneStepPipeline",
+}
+
+
+def resolve_model_location(name_or_path: str | os.PathLike) -> str:
+    """An embedded asset name becomes its folder; paths and Hub ids pass through."""
+    name_or_path = str(name_or_path)
+    if name_or_path in assets.names():
+        return str(assets.path(name_or_path))
+    return name_or_path
+
+
+def read_model_index(location: str, **hub_kwargs) -> dict:
+    """The checkpoint's `model_index.json`, from a local folder or the Hub."""
+    local = Path(location)
+    if local.is_dir():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"`pretrained_model_name_or_path` {location!r} is a folder without model_index.json.")
+    elif local.exists() or location.count("/") != 1:
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {location!r} is not a pipeline folder, a Hub id, "
+            f"or an embedded model (embedded: {assets.names()})."
+        )
+    else:
+        index = hf_hub_download(location, "model_index.json", **hub_kwargs)
+    return json.loads(Path(index).read_text())
+
+
+def pipeline_class_for(class_name: str) -> type[DiffusionPipeline]:
+    """The fastgen pipeline registered for `class_name`, else the Diffusers pipeline of that name."""
+    if class_name in PIPELINE_CLASSES:
+        module_name, attribute = PIPELINE_CLASSES[class_name].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+    pipeline_class = getattr(diffusers, class_name, None)
+    if pipeline_class is None:
+        known = sorted(PIPELINE_CLASSES)
+        raise ValueError(f"model_index.json names {class_name!r}, which is neither a fastgen pipeline {known} nor a Diffusers one.")
+    return pipeline_class
+
+
+class FastPipeline:
+    """Load any fastgen or Diffusers text-to-image checkpoint with the pipeline class it needs.
+
+    ```py
+    pipe = FastPipeline.from_pretrained("shapes-teacher")  # an embedded ShapesWorld model, a folder or a Hub id
+    ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise EnvironmentError("Use `FastPipeline.from_pretrained(...)`; it returns the pipeline the checkpoint needs.")
+
+    @classmethod
+    def pipeline_class(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> type[DiffusionPipeline]:
+        location = resolve_model_location(pretrained_model_name_or_path)
+        return pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+        location = resolve_model_location(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        pipeline_class = pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
+        return pipeline_class.from_pretrained(location, **kwargs)
+
+
+FASTGEN_METADATA_FILE = "fastgen.json"
+
+
+def read_fastgen_metadata(location: str, **hub_kwargs) -> dict:
+    """The `fastgen.json` our training scripts write beside `model_index.json` (method, default sampler); {} if absent."""
+    local = Path(location)
+    if local.is_dir():
+        path = local / FASTGEN_METADATA_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(Path(hf_hub_download(location, FASTGEN_METADATA_FILE, **hub_kwargs)).read_text())
+    except EntryNotFoundError:
+        return {}
+
+
+def write_fastgen_metadata(output_dir: str | os.PathLike, metadata: dict) -> None:
+    (Path(output_dir) / FASTGEN_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

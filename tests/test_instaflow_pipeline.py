@@ -1,0 +1,382 @@
+"""InstaFlowPipeline and RectifiedFlowEulerScheduler on tiny SD components: InstaFlow's sampler, computed by hand."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from torch.testing import assert_close
+
+from fastgen_diffusers.pipelines import FastPipeline
+from fastgen_diffusers.pipelines.instaflow import InstaFlowPipeline
+from fastgen_diffusers.schedulers import RectifiedFlowEulerScheduler
+
+
+PROMPT = "a small red circle at the top left on a black background"
+NEGATIVE_PROMPT = "a large blue square"
+
+
+@pytest.fixture
+def pipe(tiny_sd_components) -> InstaFlowPipeline:
+    pipe = InstaFlowPipeline(**{**tiny_sd_components, "scheduler": RectifiedFlowEulerScheduler()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch_size, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def embed(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def velocity(unet, latents: torch.Tensor, t: float, embeds: torch.Tensor) -> torch.Tensor:
+    """InstaFlow's UNet call: float time t, one per sample (`torch.ones((B,)) * t` in the original)."""
+    return unet(latents, torch.ones(latents.shape[0]) * t, encoder_hidden_states=embeds).sample
+
+
+def record_unet_calls(unet) -> list[tuple[int, torch.Tensor]]:
+    """(batch size, timesteps) of every UNet call."""
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append((args[0].shape[0], args[1].clone())))
+    return calls
+
+
+@torch.no_grad()
+def test_one_step_is_noise_plus_velocity_at_t1000(pipe):
+    z = noise()
+    calls = record_unet_calls(pipe.unet)
+
+    latents = pipe(PROMPT, latents=z, output_type="latent").images
+
+    assert [t.tolist() for _, t in calls] == [[1000.0]]
+    calls.clear()
+    assert_close(latents, z + velocity(pipe.unet, z, 1000.0, embed(pipe, PROMPT)))
+
+
+@torch.no_grad()
+def test_four_steps_follow_instaflow_grid_and_euler_loop(pipe):
+    z = noise()
+    calls = record_unet_calls(pipe.unet)
+    seen = []
+
+    def callback(pipeline, i, t, callback_kwargs):
+        seen.append((i, t.item()))
+        return {}
+
+    latents = pipe(
+        PROMPT, num_inference_steps=4, latents=z, output_type="latent", callback_on_step_end=callback
+    ).images
+
+    assert [t.tolist() for _, t in calls] == [[1000.0], [750.0], [500.0], [250.0]]
+    assert seen == [(0, 1000.0), (1, 750.0), (2, 500.0), (3, 250.0)]
+    calls.clear()
+    embeds, expected = embed(pipe, PROMPT), z
+    for i in range(4):
+        expected = expected + 0.25 * velocity(pipe.unet, expected, (1 - i / 4) * 1000, embeds)
+    assert_close(latents, expected)
+
+
+@torch.no_grad()
+def test_timesteps_and_sigmas_override_the_grid(pipe):
+    z = noise()
+    by_sigmas = pipe(PROMPT, sigmas=[1.0, 0.6], latents=z, output_type="latent").images
+    by_timesteps = pipe(PROMPT, timesteps=[1000, 600], latents=z, output_type="latent").images
+
+    embeds = embed(pipe, PROMPT)
+    expected = z + 0.4 * velocity(pipe.unet, z, 1000.0, embeds)
+    expected = expected + 0.6 * velocity(pipe.unet, expected, 600.0, embeds)
+    assert_close(by_sigmas, expected)
+    assert_close(by_timesteps, expected)
+
+
+@torch.no_grad()
+def test_classifier_free_guidance_combines_negative_and_text_velocities(pipe):
+    z = noise()
+    calls = record_unet_calls(pipe.unet)
+
+    guided = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=3.0, latents=z, output_type="latent").images
+    pipe(PROMPT, guidance_scale=1.0, latents=z, output_type="latent")
+
+    # CFG doubles the UNet batch at guidance_scale > 1 only.
+    assert [batch for batch, _ in calls] == [2, 1]
+    calls.clear()
+    v_negative = velocity(pipe.unet, z, 1000.0, embed(pipe, NEGATIVE_PROMPT))
+    v_text = velocity(pipe.unet, z, 1000.0, embed(pipe, PROMPT))
+    assert_close(guided, z + v_negative + 3.0 * (v_text - v_negative))
+
+
+@torch.no_grad()
+def test_generator_makes_generation_deterministic(pipe):
+    def run(seed):
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    assert np.array_equal(run(0), run(0))
+    assert not np.allclose(run(0), run(1))
+    # The noise is standard normal as drawn: no scheduler `init_noise_sigma` scaling.
+    latents = pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert_close(latents, pipe(PROMPT, latents=noise(), output_type="latent").images)
+
+
+@torch.no_grad()
+def test_output_types_and_shapes(pipe):
+    z = noise()
+    pil = pipe(PROMPT, latents=z).images
+    array = pipe(PROMPT, latents=z, output_type="np").images
+    tensor = pipe(PROMPT, latents=z, output_type="pt").images
+    latents = pipe(PROMPT, latents=z, output_type="latent").images
+    images, nsfw = pipe(PROMPT, latents=z, output_type="np", return_dict=False)
+
+    assert len(pil) == 1 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (32, 32)
+    assert array.shape == (1, 32, 32, 3)
+    assert tensor.shape == (1, 3, 32, 32)
+    assert latents.shape == (1, 4, 16, 16)
+    assert nsfw is None and np.array_equal(images, array)
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    assert_close(tensor, (decoded / 2 + 0.5).clamp(0, 1))
+    assert np.allclose(array, tensor.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(np.asarray(pil[0]), (array[0] * 255).round().astype(np.uint8))
+
+
+@torch.no_grad()
+def test_num_images_per_prompt_repeats_each_prompt(pipe):
+    z = noise()
+    latents = pipe(
+        [PROMPT, NEGATIVE_PROMPT], num_images_per_prompt=2, latents=z.repeat(4, 1, 1, 1), output_type="latent"
+    ).images
+
+    # Order [p0, p0, p1, p1]: the same noise gives the same image for one prompt and a different one for the other.
+    assert latents.shape == (4, 4, 16, 16)
+    assert_close(latents[0], latents[1])
+    assert_close(latents[2], latents[3])
+    assert not torch.allclose(latents[1], latents[2])
+    images = pipe(PROMPT, num_images_per_prompt=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (3, 32, 32, 3) and not np.allclose(images[0], images[1])
+
+
+@torch.no_grad()
+def test_prompt_embeds_path_equals_prompt_path(pipe):
+    z = noise()
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE_PROMPT)
+
+    for kwargs in ({}, {"guidance_scale": 2.0}):
+        negative = {"negative_prompt": NEGATIVE_PROMPT} if kwargs else {}
+        negative_embeds = {"negative_prompt_embeds": negative_prompt_embeds} if kwargs else {}
+        from_prompt = pipe(PROMPT, latents=z, output_type="latent", **kwargs, **negative).images
+        from_embeds = pipe(
+            prompt_embeds=prompt_embeds, latents=z, output_type="latent", **kwargs, **negative_embeds
+        ).images
+        assert_close(from_embeds, from_prompt)
+
+
+@torch.no_grad()
+def test_callback_on_step_end_can_replace_latents(pipe):
+    def zero_last_step(pipeline, i, t, callback_kwargs):
+        assert callback_kwargs["prompt_embeds"].shape[0] == 2  # [negative, text] under CFG
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if i == pipeline.num_timesteps - 1 else {}
+
+    latents = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        latents=noise(),
+        output_type="latent",
+        callback_on_step_end=zero_last_step,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    ).images
+    assert torch.count_nonzero(latents) == 0
+
+
+@torch.no_grad()
+def test_save_pretrained_round_trip_gives_identical_images(pipe, tmp_path):
+    pipe.scheduler = RectifiedFlowEulerScheduler(velocity_direction="data_to_noise")
+    pipe.save_pretrained(tmp_path)
+
+    loaded = InstaFlowPipeline.from_pretrained(tmp_path)
+    through_front_door = FastPipeline.from_pretrained(tmp_path)
+
+    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "InstaFlowPipeline"
+    assert type(through_front_door) is InstaFlowPipeline
+    assert loaded.scheduler.config.velocity_direction == "data_to_noise"
+    z = noise()
+    expected = pipe(PROMPT, num_inference_steps=2, latents=z, output_type="np").images
+    for reloaded in (loaded, through_front_door):
+        reloaded.set_progress_bar_config(disable=True)
+        assert np.array_equal(reloaded(PROMPT, num_inference_steps=2, latents=z, output_type="np").images, expected)
+
+
+@torch.no_grad()
+def test_published_checkpoint_layout_loads_through_fast_pipeline(tiny_sd_components, tmp_path):
+    # The XCLIU/* checkpoints: an SD folder whose model_index.json says RectifiedFlowPipeline, with a
+    # DPMSolverMultistepScheduler in scheduler/ that the original sampler never steps.
+    components = {**tiny_sd_components, "scheduler": DPMSolverMultistepScheduler()}
+    sd = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    sd.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["_class_name"] = "RectifiedFlowPipeline"
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
+    assert index["safety_checker"] == [None, None]
+
+    pipe = FastPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    assert type(pipe) is InstaFlowPipeline
+    assert type(pipe.scheduler) is RectifiedFlowEulerScheduler
+    assert pipe.scheduler.config.velocity_direction == "noise_to_data"
+    z = noise()
+    v = velocity(components["unet"], z, 1000.0, embed(pipe, PROMPT))
+    assert_close(pipe(PROMPT, latents=z, output_type="latent").images, z + v)
+    assert pipe(PROMPT, output_type="np").images.shape == (1, 32, 32, 3)
+    # `scheduler=` chooses other conventions for such a folder.
+    sd3_style = FastPipeline.from_pretrained(
+        tmp_path, scheduler=RectifiedFlowEulerScheduler(velocity_direction="data_to_noise")
+    )
+    sd3_style.set_progress_bar_config(disable=True)
+    assert_close(sd3_style(PROMPT, latents=z, output_type="latent").images, z - v)
+
+
+@torch.no_grad()
+def test_from_pipe_shares_components_and_swaps_in_rectified_flow_scheduler(tiny_sd_components):
+    sd = StableDiffusionPipeline(
+        **tiny_sd_components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe = InstaFlowPipeline.from_pipe(sd)
+
+    assert pipe.unet is sd.unet and pipe.vae is sd.vae and pipe.text_encoder is sd.text_encoder
+    assert type(pipe.scheduler) is RectifiedFlowEulerScheduler
+    assert type(sd.scheduler).__name__ == "DDIMScheduler"
+
+
+@torch.no_grad()
+def test_load_lora_weights_changes_output_and_scale_reaches_unet(pipe, tmp_path):
+    z = noise()
+    base = pipe(PROMPT, latents=z, output_type="latent").images
+
+    lora_unet = copy.deepcopy(pipe.unet)
+    lora_unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
+    torch.manual_seed(0)
+    for name, parameter in lora_unet.named_parameters():
+        if "lora_B" in name:  # "gaussian" initialises B to zero, which would be a no-op adapter
+            parameter.normal_(std=0.5)
+    InstaFlowPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet)),
+        unet_lora_adapter_metadata=lora_unet.peft_config["default"].to_dict(),
+    )
+
+    pipe.load_lora_weights(tmp_path)
+    with_lora = pipe(PROMPT, latents=z, output_type="latent").images
+    lora_off = pipe(PROMPT, latents=z, output_type="latent", cross_attention_kwargs={"scale": 0.0}).images
+
+    assert not torch.allclose(with_lora, base, atol=1e-3)
+    assert_close(with_lora, z + velocity(lora_unet, z, 1000.0, embed(pipe, PROMPT)))
+    assert_close(lora_off, base)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"height": 31}, "height"),
+        ({"prompt_embeds": torch.zeros(1, 24, 8)}, "prompt_embeds"),
+        ({"prompt": None}, "prompt"),
+        ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),
+        ({"output_type": "jpeg"}, "output_type"),
+        ({"negative_prompt": NEGATIVE_PROMPT}, "negative_prompt"),
+        ({"timesteps": [1000], "sigmas": [1.0]}, "sigmas"),
+        ({"sigmas": [0.5, 1.0]}, "sigmas"),
+        ({"timesteps": [1000, 0]}, "timesteps"),
+        ({"latents": torch.zeros(1, 4, 8, 8)}, "latents"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(pipe, kwargs, argument):
+    with pytest.raises(ValueError, match=re.escape(f"`{argument}`")):
+        pipe(**{"prompt": PROMPT, **kwargs})
+
+
+def test_negative_prompt_without_guidance_points_to_nasa(pipe):
+    with pytest.raises(ValueError, match="NASA"):
+        pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=1.0)
+
+
+def test_scheduler_grid_and_config_round_trip(tmp_path):
+    scheduler = RectifiedFlowEulerScheduler(velocity_direction="data_to_noise")
+    scheduler.save_pretrained(tmp_path)
+    reloaded = RectifiedFlowEulerScheduler.from_pretrained(tmp_path)
+
+    assert reloaded.config.velocity_direction == "data_to_noise" and reloaded.config.num_train_timesteps == 1000
+    assert RectifiedFlowEulerScheduler.from_config(scheduler.config).config.velocity_direction == "data_to_noise"
+    assert reloaded.timesteps.tolist() == [1000.0]
+    reloaded.set_timesteps(4)
+    assert reloaded.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]
+    assert reloaded.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="`velocity_direction`"):
+        RectifiedFlowEulerScheduler(velocity_direction="forward")
+
+
+def test_velocity_conventions_give_the_same_trajectory():
+    """InstaFlow (v = data - noise), SD3 and PeRFlow (v = noise - data) sample one flow when the sign is configured."""
+
+    def instaflow_velocity(x, t):  # any smooth field of (x, t) will do
+        return torch.sin(3 * x) * t / 1000 - 0.5 * x
+
+    def sample(scheduler, model_sign, **grid):
+        scheduler.set_timesteps(**grid)
+        x, seen = noise(2), []
+        for t in scheduler.timesteps:
+            seen.append(float(t))
+            x = scheduler.step(model_sign * instaflow_velocity(x, t), t, x).prev_sample
+        return x, seen
+
+    expected, grid = noise(2), [1000.0, 750.0, 500.0, 250.0]
+    for t in grid:
+        expected = expected + 0.25 * instaflow_velocity(expected, torch.tensor(t))
+
+    trajectories = {
+        "instaflow": sample(RectifiedFlowEulerScheduler(), +1, num_inference_steps=4),
+        "sd3": sample(RectifiedFlowEulerScheduler(velocity_direction="data_to_noise"), -1, num_inference_steps=4),
+        # PeRFlow's own scheduler gives integer UNet times, int64 [1000, 750, 500, 250] for 4 steps.
+        "perflow": sample(
+            RectifiedFlowEulerScheduler(velocity_direction="data_to_noise"),
+            -1,
+            timesteps=torch.tensor([1000, 750, 500, 250]),
+        ),
+        "flow_match": sample(FlowMatchEulerDiscreteScheduler(shift=1.0), -1, sigmas=[1 - i / 4 for i in range(4)]),
+    }
+    for name, (x, seen) in trajectories.items():
+        assert seen == grid, name
+        assert_close(x, expected, msg=name)
+
+
+def test_one_step_prediction_of_the_data_is_the_step_itself():
+    scheduler = RectifiedFlowEulerScheduler()
+    x, v = noise(), noise(seed=1)
+    output = scheduler.step(v, 1000.0, x)
+
+    assert_close(output.prev_sample, x + v)
+    assert_close(output.pred_original_sample, x + v)
+    scheduler.set_timesteps(2)
+    assert_close(scheduler.step(v, 500.0, x).pred_original_sample, x + 0.5 * v)
+    with pytest.raises(ValueError, match="`timestep`"):
+        scheduler.step(v, 999.0, x)
