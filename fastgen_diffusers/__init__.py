@@ -1,6 +1,7 @@
 """fastgen-diffusers: one-step and few-step text-to-image for Hugging Face Diffusers."""
 
-from .pipelines import FastPipeline, InstaFlowPipeline
+from .attention import NAGAttnProcessor, NASAAttnProcessor, negative_attention
+from .pipelines import FastPipeline, InstaFlowPipeline, OneStepPipeline
 from .schedulers import RectifiedFlowEulerScheduler
 
 
