@@ -1,4 +1,8 @@
-"""InstaFlowPipeline and RectifiedFlowEulerScheduler on tiny SD components: InstaFlow's sampler, computed by hand."""
+"""InstaFlowPipeline and RectifiedFlowEulerScheduler on tiny SD components: InstaFlow's sampler, computed by hand.
+
+Negative prompts at guidance_scale <= 1 go through NASA / NAG steered cross-attention; the expected outputs are the
+hand-written Euler steps with the UNet evaluated inside `negative_attention(...)`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,19 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch.testing import assert_close
 
+from fastgen_diffusers.attention import (
+    NAGAttnProcessor,
+    NASAAttnProcessor,
+    NegativeAttnProcessor,
+    cross_attention_modules,
+    negative_attention,
+)
 from fastgen_diffusers.pipelines import FastPipeline
 from fastgen_diffusers.pipelines.instaflow import InstaFlowPipeline
 from fastgen_diffusers.schedulers import RectifiedFlowEulerScheduler
@@ -46,6 +58,21 @@ def embed(pipe, prompt: str) -> torch.Tensor:
 def velocity(unet, latents: torch.Tensor, t: float, embeds: torch.Tensor) -> torch.Tensor:
     """InstaFlow's UNet call: float time t, one per sample (`torch.ones((B,)) * t` in the original)."""
     return unet(latents, torch.ones(latents.shape[0]) * t, encoder_hidden_states=embeds).sample
+
+
+def steered_velocity(unet, latents, t, embeds, negative_embeds, scale, method="nasa", **processor_kwargs):
+    """The UNet's velocity with its cross-attention steered away from `negative_embeds` (NASA or NAG)."""
+    with negative_attention(unet, negative_embeds, scale, method=method, **processor_kwargs):
+        return velocity(unet, latents, t, embeds)
+
+
+def cross_attention_processors(pipe) -> list:
+    return [layer.processor for layer in cross_attention_modules(pipe.unet)]
+
+
+def assert_same_processor_objects(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    assert all(after[name] is before[name] for name in before)
 
 
 def record_unet_calls(unet) -> list[tuple[int, torch.Tensor]]:
@@ -108,8 +135,19 @@ def test_classifier_free_guidance_combines_negative_and_text_velocities(pipe):
     z = noise()
     calls = record_unet_calls(pipe.unet)
 
-    guided = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=3.0, latents=z, output_type="latent").images
+    during = []
+    guided = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        guidance_scale=3.0,
+        latents=z,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: during.extend(cross_attention_processors(p)) or {},
+    ).images
     pipe(PROMPT, guidance_scale=1.0, latents=z, output_type="latent")
+
+    # Above 1 the negative prompt is the CFG branch: no steered cross-attention.
+    assert during and not any(isinstance(p, NegativeAttnProcessor) for p in during)
 
     # CFG doubles the UNet batch at guidance_scale > 1 only.
     assert [batch for batch, _ in calls] == [2, 1]
@@ -172,7 +210,8 @@ def test_prompt_embeds_path_equals_prompt_path(pipe):
     z = noise()
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE_PROMPT)
 
-    for kwargs in ({}, {"guidance_scale": 2.0}):
+    # plain, CFG, and NASA (a negative prompt at guidance_scale <= 1)
+    for kwargs in ({}, {"guidance_scale": 2.0}, {"nasa_scale": 1.0}):
         negative = {"negative_prompt": NEGATIVE_PROMPT} if kwargs else {}
         negative_embeds = {"negative_prompt_embeds": negative_prompt_embeds} if kwargs else {}
         from_prompt = pipe(PROMPT, latents=z, output_type="latent", **kwargs, **negative).images
@@ -219,6 +258,33 @@ def test_save_pretrained_round_trip_gives_identical_images(pipe, tmp_path):
 
 
 @torch.no_grad()
+def test_save_pretrained_keeps_the_default_nasa_and_nag_scales(tiny_sd_components, tmp_path):
+    pipe = InstaFlowPipeline(
+        **{**tiny_sd_components, "scheduler": RectifiedFlowEulerScheduler()},
+        default_nasa_scale=0.3,
+        default_nag_scale=2.0,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    z = noise()
+    before = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, latents=z, output_type="latent").images
+    pipe.save_pretrained(tmp_path)
+
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["default_nasa_scale"] == 0.3 and index["default_nag_scale"] == 2.0
+    loaded = InstaFlowPipeline.from_pretrained(tmp_path)
+    through_front_door = FastPipeline.from_pretrained(tmp_path)
+    for reloaded in (loaded, through_front_door):
+        reloaded.set_progress_bar_config(disable=True)
+        assert reloaded.config.default_nasa_scale == 0.3 and reloaded.config.default_nag_scale == 2.0
+        # The stored default is the one used: the reloaded call equals NASA at 0.3, and not at the class default.
+        after = reloaded(PROMPT, negative_prompt=NEGATIVE_PROMPT, latents=z, output_type="latent").images
+        assert_close(after, before)
+    embeds, negative_embeds = embed(pipe, PROMPT), embed(pipe, NEGATIVE_PROMPT)
+    assert_close(before, z + steered_velocity(pipe.unet, z, 1000.0, embeds, negative_embeds, 0.3))
+    assert not torch.allclose(before, z + steered_velocity(pipe.unet, z, 1000.0, embeds, negative_embeds, 0.1))
+
+
+@torch.no_grad()
 def test_published_checkpoint_layout_loads_through_fast_pipeline(tiny_sd_components, tmp_path):
     # The XCLIU/* checkpoints: an SD folder whose model_index.json says RectifiedFlowPipeline, with a
     # DPMSolverMultistepScheduler in scheduler/ that the original sampler never steps.
@@ -239,6 +305,8 @@ def test_published_checkpoint_layout_loads_through_fast_pipeline(tiny_sd_compone
     assert type(pipe) is InstaFlowPipeline
     assert type(pipe.scheduler) is RectifiedFlowEulerScheduler
     assert pipe.scheduler.config.velocity_direction == "noise_to_data"
+    # A folder without the NASA config values gets the class defaults.
+    assert pipe.config.default_nasa_scale == 0.1 and pipe.config.default_nag_scale == 4.0
     z = noise()
     v = velocity(components["unet"], z, 1000.0, embed(pipe, PROMPT))
     assert_close(pipe(PROMPT, latents=z, output_type="latent").images, z + v)
@@ -263,11 +331,8 @@ def test_from_pipe_shares_components_and_swaps_in_rectified_flow_scheduler(tiny_
     assert type(sd.scheduler).__name__ == "DDIMScheduler"
 
 
-@torch.no_grad()
-def test_load_lora_weights_changes_output_and_scale_reaches_unet(pipe, tmp_path):
-    z = noise()
-    base = pipe(PROMPT, latents=z, output_type="latent").images
-
+def save_random_lora(pipe, path):
+    """Save a LoRA with non-zero weights on the UNet's attention projections; return a UNet carrying it."""
     lora_unet = copy.deepcopy(pipe.unet)
     lora_unet.add_adapter(
         LoraConfig(
@@ -279,11 +344,19 @@ def test_load_lora_weights_changes_output_and_scale_reaches_unet(pipe, tmp_path)
         if "lora_B" in name:  # "gaussian" initialises B to zero, which would be a no-op adapter
             parameter.normal_(std=0.5)
     InstaFlowPipeline.save_lora_weights(
-        tmp_path,
+        path,
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet)),
         unet_lora_adapter_metadata=lora_unet.peft_config["default"].to_dict(),
     )
+    return lora_unet
 
+
+@torch.no_grad()
+def test_load_lora_weights_changes_output_and_scale_reaches_unet(pipe, tmp_path):
+    z = noise()
+    base = pipe(PROMPT, latents=z, output_type="latent").images
+
+    lora_unet = save_random_lora(pipe, tmp_path)
     pipe.load_lora_weights(tmp_path)
     with_lora = pipe(PROMPT, latents=z, output_type="latent").images
     lora_off = pipe(PROMPT, latents=z, output_type="latent", cross_attention_kwargs={"scale": 0.0}).images
@@ -302,7 +375,10 @@ def test_load_lora_weights_changes_output_and_scale_reaches_unet(pipe, tmp_path)
         ({"prompt": None}, "prompt"),
         ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),
         ({"output_type": "jpeg"}, "output_type"),
-        ({"negative_prompt": NEGATIVE_PROMPT}, "negative_prompt"),
+        ({"negative_prompt": NEGATIVE_PROMPT, "negative_prompt_embeds": torch.zeros(1, 77, 8)}, "negative_prompt"),
+        ({"negative_prompt": NEGATIVE_PROMPT, "nasa_scale": -0.1}, "nasa_scale"),
+        ({"negative_prompt": NEGATIVE_PROMPT, "nasa_scale": 0.1, "guidance_scale": 2.0}, "nasa_scale"),
+        ({"negative_prompt": NEGATIVE_PROMPT, "negative_attention_method": "pag"}, "negative_attention_method"),
         ({"timesteps": [1000], "sigmas": [1.0]}, "sigmas"),
         ({"sigmas": [0.5, 1.0]}, "sigmas"),
         ({"timesteps": [1000, 0]}, "timesteps"),
@@ -315,9 +391,234 @@ def test_bad_input_raises_value_error_naming_the_argument(pipe, kwargs, argument
         pipe(**{"prompt": PROMPT, **kwargs})
 
 
-def test_negative_prompt_without_guidance_points_to_nasa(pipe):
-    with pytest.raises(ValueError, match="NASA"):
-        pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=1.0)
+# --- negative prompts at guidance_scale <= 1: NASA / NAG steered cross-attention ------------------------------------
+
+
+@torch.no_grad()
+def test_negative_prompt_without_guidance_steers_cross_attention_with_nasa(pipe):
+    z = noise()
+    plain = pipe(PROMPT, latents=z, output_type="latent").images
+    original = pipe.unet.attn_processors
+    calls = record_unet_calls(pipe.unet)
+    during = []
+
+    steered = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        nasa_scale=2.0,
+        latents=z,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: during.append(p.unet.attn_processors) or {},
+    ).images
+
+    # One UNet evaluation of batch 1, as without a negative prompt; the output is the NASA-steered velocity.
+    assert [batch for batch, _ in calls] == [1]
+    calls.clear()
+    assert not torch.allclose(steered, plain, atol=1e-4)
+    expected = z + steered_velocity(pipe.unet, z, 1000.0, embed(pipe, PROMPT), embed(pipe, NEGATIVE_PROMPT), 2.0)
+    assert_close(steered, expected)
+    # During the call: one NASA processor on every cross-attention layer, self-attention untouched.
+    (installed,) = during
+    cross = {name for name in installed if "attn2" in name}
+    assert cross and all(type(installed[name]) is NASAAttnProcessor for name in cross)
+    assert len({id(installed[name]) for name in cross}) == 1 and installed[next(iter(cross))].scale == 2.0
+    assert all(installed[name] is original[name] for name in original if name not in cross)
+    # After the call: the very same processor objects as before.
+    assert_same_processor_objects(original, pipe.unet.attn_processors)
+    assert_close(pipe(PROMPT, latents=z, output_type="latent").images, plain)
+
+
+@pytest.mark.parametrize("method", ["nasa", "nag"])
+@pytest.mark.parametrize("as_embeds", [False, True])
+@torch.no_grad()
+def test_nasa_scale_zero_equals_no_negative_prompt(pipe, method, as_embeds):
+    z = noise()
+    plain = pipe(PROMPT, num_inference_steps=2, latents=z, output_type="latent").images
+    negative = (
+        {"negative_prompt_embeds": embed(pipe, NEGATIVE_PROMPT)} if as_embeds else {"negative_prompt": NEGATIVE_PROMPT}
+    )
+    steered = pipe(
+        PROMPT, num_inference_steps=2, negative_attention_method=method, latents=z, output_type="latent", **negative
+    ).images
+    off = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        nasa_scale=0.0,
+        negative_attention_method=method,
+        latents=z,
+        output_type="latent",
+        **negative,
+    ).images
+
+    assert torch.equal(off, plain)
+    # The same call at the default strength does steer, so the equality above is the scale, not an ignored prompt.
+    assert not torch.allclose(steered, plain, atol=1e-4)
+
+
+@torch.no_grad()
+def test_default_nasa_scale_comes_from_the_config(tiny_sd_components):
+    pipe = InstaFlowPipeline(
+        **{**tiny_sd_components, "scheduler": RectifiedFlowEulerScheduler()}, default_nasa_scale=0.8
+    )
+    pipe.set_progress_bar_config(disable=True)
+    z = noise()
+    by_default = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, latents=z, output_type="latent").images
+    explicit = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=0.8, latents=z, output_type="latent").images
+    weaker = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=0.1, latents=z, output_type="latent").images
+
+    assert pipe.config.default_nasa_scale == 0.8 and pipe.config.default_nag_scale == 4.0
+    assert torch.equal(by_default, explicit)
+    assert not torch.allclose(by_default, weaker, atol=1e-4)
+
+
+@torch.no_grad()
+def test_nag_method_uses_default_nag_scale_and_negative_attention_kwargs(pipe):
+    z = noise()
+    original = pipe.unet.attn_processors
+    during = []
+
+    steered = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        negative_attention_method="nag",
+        negative_attention_kwargs={"tau": 1.25, "alpha": 0.75},
+        latents=z,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, kw: during.extend(cross_attention_processors(p)) or {},
+    ).images
+
+    assert during and all(type(p) is NAGAttnProcessor for p in during)
+    assert {(p.scale, p.tau, p.alpha) for p in during} == {(pipe.config.default_nag_scale, 1.25, 0.75)}
+    embeds, negative_embeds = embed(pipe, PROMPT), embed(pipe, NEGATIVE_PROMPT)
+    nag = steered_velocity(pipe.unet, z, 1000.0, embeds, negative_embeds, 4.0, method="nag", tau=1.25, alpha=0.75)
+    assert_close(steered, z + nag)
+    nasa = steered_velocity(pipe.unet, z, 1000.0, embeds, negative_embeds, 4.0)
+    assert not torch.allclose(steered, z + nasa, atol=1e-4)
+    assert_same_processor_objects(original, pipe.unet.attn_processors)
+
+
+@torch.no_grad()
+def test_processors_restored_when_the_call_raises(pipe):
+    z = noise()
+    plain = pipe(PROMPT, latents=z, output_type="latent").images
+    original = pipe.unet.attn_processors
+    seen = []
+
+    def failing_callback(pipeline, i, t, callback_kwargs):
+        seen.extend(cross_attention_processors(pipeline))
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=1.0, latents=z, callback_on_step_end=failing_callback)
+
+    assert seen and all(isinstance(p, NASAAttnProcessor) for p in seen)  # it was steering when it raised
+    assert_same_processor_objects(original, pipe.unet.attn_processors)
+    assert not any(isinstance(p, NegativeAttnProcessor) for p in cross_attention_processors(pipe))
+    assert torch.equal(pipe(PROMPT, latents=z, output_type="latent").images, plain)
+
+
+@torch.no_grad()
+def test_nasa_keeps_custom_processors_of_other_layers_and_restores_its_own(pipe):
+    class CountingProcessor(AttnProcessor2_0):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    self_attention, cross_attention = CountingProcessor(), CountingProcessor()
+    pipe.unet.set_attn_processor(
+        {name: cross_attention if "attn2" in name else self_attention for name in pipe.unet.attn_processors}
+    )
+    original = pipe.unet.attn_processors
+    z = noise()
+
+    steered = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=1.0, latents=z, output_type="latent").images
+
+    # Self-attention ran through its custom processor; cross-attention through NASA, not the custom one.
+    assert self_attention.calls > 0 and cross_attention.calls == 0
+    assert_same_processor_objects(original, pipe.unet.attn_processors)
+    pipe(PROMPT, latents=z, output_type="latent")
+    assert cross_attention.calls > 0  # back in place for the next call
+    expected = z + steered_velocity(pipe.unet, z, 1000.0, embed(pipe, PROMPT), embed(pipe, NEGATIVE_PROMPT), 1.0)
+    assert_close(steered, expected)
+
+
+@torch.no_grad()
+def test_nasa_with_lora_weights(pipe, tmp_path):
+    z = noise()
+    base_steered = pipe(
+        PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=1.0, latents=z, output_type="latent"
+    ).images
+    lora_unet = save_random_lora(pipe, tmp_path)
+    pipe.load_lora_weights(tmp_path)
+    with_lora = pipe(PROMPT, latents=z, output_type="latent").images
+    original = pipe.unet.attn_processors
+
+    steered = pipe(PROMPT, negative_prompt=NEGATIVE_PROMPT, nasa_scale=1.0, latents=z, output_type="latent").images
+    lora_off = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        nasa_scale=1.0,
+        latents=z,
+        output_type="latent",
+        cross_attention_kwargs={"scale": 0.0},
+    ).images
+
+    # NASA runs through the LoRA-adapted projections (its negative keys/values included) ...
+    embeds, negative_embeds = embed(pipe, PROMPT), embed(pipe, NEGATIVE_PROMPT)
+    assert_close(steered, z + steered_velocity(lora_unet, z, 1000.0, embeds, negative_embeds, 1.0))
+    assert not torch.allclose(steered, base_steered, atol=1e-3)
+    assert not torch.allclose(steered, with_lora, atol=1e-4)
+    # ... the LoRA scale still reaches the UNet under NASA ...
+    assert_close(lora_off, base_steered)
+    # ... and the LoRA pipeline is unchanged after the steered calls.
+    assert_same_processor_objects(original, pipe.unet.attn_processors)
+    assert_close(pipe(PROMPT, latents=z, output_type="latent").images, with_lora)
+
+
+@torch.no_grad()
+def test_callback_can_replace_the_negative_embeddings(pipe):
+    replacement = embed(pipe, "a green cross")
+    seen = []
+
+    def callback(pipeline, i, t, callback_kwargs):
+        seen.append(cross_attention_processors(pipeline)[0].negative_encoder_hidden_states)
+        return {"negative_prompt_embeds": replacement}
+
+    pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        num_inference_steps=2,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["negative_prompt_embeds"],
+    )
+    assert_close(seen[0], embed(pipe, NEGATIVE_PROMPT))
+    assert seen[1] is replacement
+
+
+@torch.no_grad()
+def test_nasa_pairs_each_prompt_with_its_negative(pipe):
+    prompts, negatives = [PROMPT, "a large green circle"], [NEGATIVE_PROMPT, "a white background"]
+    z = noise(4)
+    batched = pipe(
+        prompts, negative_prompt=negatives, nasa_scale=1.0, num_images_per_prompt=2, latents=z, output_type="latent"
+    ).images
+    for i in range(4):
+        single = pipe(
+            prompts[i // 2],
+            negative_prompt=negatives[i // 2],
+            nasa_scale=1.0,
+            latents=z[i : i + 1],
+            output_type="latent",
+        ).images
+        assert_close(batched[i], single[0], atol=1e-5, rtol=1e-4)
+    # Each image was steered by its own negative prompt, not the first one.
+    other = pipe(prompts[1], negative_prompt=negatives[0], nasa_scale=1.0, latents=z[2:3], output_type="latent").images
+    assert not torch.allclose(batched[2], other[0], atol=1e-4)
 
 
 def test_scheduler_grid_and_config_round_trip(tmp_path):

@@ -4,7 +4,9 @@ The sampling loop is the one of the original `RectifiedFlowPipeline` (gnobitab/I
 standard normal noise at UNet time 1000, a UNet that predicts the velocity v ~ image latent - noise, forward Euler on
 t = (1 - i/N) * 1000, classifier-free guidance only when `guidance_scale > 1`, then the VAE decoder. Unlike the
 original it forwards `cross_attention_kwargs` to the UNet, lets the scheduler own the Euler step (so SD3- and
-PeRFlow-style velocity checkpoints run by changing the scheduler's config), and supports `callback_on_step_end`.
+PeRFlow-style velocity checkpoints run by changing the scheduler's config), supports `callback_on_step_end`, and
+takes a negative prompt at `guidance_scale` <= 1 (where the original ignored it) through NASA or NAG steered
+cross-attention, as [`OneStepPipeline`] does: still one UNet evaluation per step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ...schedulers import RectifiedFlowEulerScheduler
+from ..negative_prompts import (
+    DEFAULT_NAG_SCALE,
+    DEFAULT_NASA_SCALE,
+    check_negative_attention_inputs,
+    negative_attention_during_call,
+    resolve_nasa_scale,
+    steers_attention,
+)
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -42,6 +52,11 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = pipe.to("cuda")
 
         >>> image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=1).images[0]
+
+        >>> # a negative prompt through NASA steered cross-attention: still one UNet evaluation
+        >>> image = pipe(
+        ...     "a photo of an astronaut riding a horse on mars", negative_prompt="blurry", nasa_scale=0.1
+        ... ).images[0]
         ```
 """
 
@@ -50,7 +65,9 @@ class InstaFlowPipeline(
     DiffusionPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin
 ):
     """
-    Pipeline for one-step and few-step text-to-image generation with a rectified-flow (InstaFlow) UNet.
+    Pipeline for one-step and few-step text-to-image generation with a rectified-flow (InstaFlow) UNet, with negative
+    prompts through classifier-free guidance (`guidance_scale` > 1) or, without it, through steered cross-attention
+    (SNOOPI's NASA, or NAG).
 
     This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
     implemented for all pipelines (downloading, saving, running on a particular device, etc.).
@@ -79,6 +96,13 @@ class InstaFlowPipeline(
             Classification module that estimates whether generated images could be considered offensive or harmful.
         feature_extractor ([`~transformers.CLIPImageProcessor`], *optional*):
             A `CLIPImageProcessor` to extract features from generated images; used as inputs to the `safety_checker`.
+        default_nasa_scale (`float`, defaults to 0.1):
+            NASA's alpha when a call passes a negative prompt at `guidance_scale` <= 1 but no `nasa_scale`. Alpha is
+            model-dependent (SNOOPI: 0.1 for SD1.5, 0.2 for SD2.1 students), so training scripts store the one tuned
+            for their model here. Stored in `model_index.json`.
+        default_nag_scale (`float`, defaults to 4.0):
+            NAG's phi for `negative_attention_method="nag"` calls without `nasa_scale` (the NAG authors'
+            `nag_scale=5`). Stored in `model_index.json`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -95,6 +119,8 @@ class InstaFlowPipeline(
         scheduler: RectifiedFlowEulerScheduler,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        default_nasa_scale: float = DEFAULT_NASA_SCALE,
+        default_nag_scale: float = DEFAULT_NAG_SCALE,
     ):
         super().__init__()
 
@@ -123,6 +149,7 @@ class InstaFlowPipeline(
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(default_nasa_scale=default_nasa_scale, default_nag_scale=default_nag_scale)
 
     # Prompt encoding and the safety checker are Stable Diffusion's, unchanged (textual inversion, LoRA scale on the
     # text encoder, `clip_skip`); sharing the functions keeps them in step with the pinned Diffusers.
@@ -144,6 +171,8 @@ class InstaFlowPipeline(
         negative_prompt_embeds=None,
         output_type="pil",
         callback_on_step_end_tensor_inputs=None,
+        nasa_scale=None,
+        negative_attention_method="nasa",
     ):
         if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
             raise ValueError(
@@ -158,6 +187,8 @@ class InstaFlowPipeline(
 
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}.")
+
+        check_negative_attention_inputs(guidance_scale, nasa_scale, negative_attention_method)
 
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -191,16 +222,6 @@ class InstaFlowPipeline(
                 "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but"
                 f" got: `prompt_embeds` {prompt_embeds.shape} != `negative_prompt_embeds`"
                 f" {negative_prompt_embeds.shape}."
-            )
-
-        # NASA hook: a negative prompt without classifier-free guidance (one-step InstaFlow runs at guidance_scale
-        # <= 1) is to be routed to NASA negative attention (`fastgen_diffusers.attention`). Until then it is refused;
-        # the original pipeline silently ignored it.
-        if guidance_scale <= 1 and (negative_prompt is not None or negative_prompt_embeds is not None):
-            raise ValueError(
-                "`negative_prompt` (or `negative_prompt_embeds`) at `guidance_scale` <= 1 needs NASA negative "
-                "attention, which this pipeline does not support yet; use `guidance_scale` > 1 to apply it through "
-                "classifier-free guidance."
             )
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
@@ -255,6 +276,9 @@ class InstaFlowPipeline(
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
         negative_prompt: str | list[str] | None = None,
+        nasa_scale: float | None = None,
+        negative_attention_method: str = "nasa",
+        negative_attention_kwargs: dict[str, Any] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -291,7 +315,20 @@ class InstaFlowPipeline(
                 Classifier-free guidance, v = v_negative + guidance_scale * (v_text - v_negative), enabled when
                 `guidance_scale > 1`. InstaFlow-0.9B has guidance distilled in: keep it at 1. 2-Rectified Flow: 1 to 2.
             negative_prompt (`str` or `list[str]`, *optional*):
-                The prompt or prompts to guide away from, through classifier-free guidance (`guidance_scale > 1`).
+                The prompt or prompts to guide away from. With `guidance_scale` > 1 it is the negative branch of
+                classifier-free guidance; with `guidance_scale` <= 1 (one-step InstaFlow) it steers cross-attention
+                instead (see `nasa_scale`), at no extra UNet evaluation.
+            nasa_scale (`float`, *optional*):
+                Strength of the cross-attention steering away from the negative prompt when `guidance_scale` <= 1:
+                NASA's alpha (Z+ - alpha Z-) or NAG's phi. Defaults to `self.config.default_nasa_scale` (NASA) or
+                `self.config.default_nag_scale` (NAG). 0 turns steering off. It adds one attention per
+                cross-attention layer, not a UNet pass; not allowed with `guidance_scale` > 1.
+            negative_attention_method (`str`, *optional*, defaults to `"nasa"`):
+                `"nasa"` ([`~fastgen_diffusers.attention.NASAAttnProcessor`]) or `"nag"`
+                ([`~fastgen_diffusers.attention.NAGAttnProcessor`]). The processor is set on the UNet's
+                cross-attention layers for the call only; the previous processors are restored after it.
+            negative_attention_kwargs (`dict`, *optional*):
+                Further arguments of the steering processor, e.g. `{"tau": 2.5, "alpha": 0.5}` for NAG.
             num_images_per_prompt (`int`, *optional*, defaults to 1):
                 The number of images to generate per prompt.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
@@ -303,7 +340,9 @@ class InstaFlowPipeline(
             prompt_embeds (`torch.Tensor`, *optional*):
                 Pre-generated text embeddings. If not provided, they are computed from `prompt`.
             negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated negative text embeddings. If not provided, they are computed from `negative_prompt`.
+                Pre-generated negative text embeddings, used instead of `negative_prompt` (for classifier-free
+                guidance or for the steered cross-attention). If not provided, they are computed from
+                `negative_prompt`.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 One of `"pil"`, `"np"`, `"pt"` or `"latent"` (the image latents, not decoded).
             return_dict (`bool`, *optional*, defaults to `True`):
@@ -315,7 +354,8 @@ class InstaFlowPipeline(
                 Number of layers to be skipped from CLIP while computing the prompt embeddings.
             callback_on_step_end (`Callable`, `PipelineCallback`, `MultiPipelineCallbacks`, *optional*):
                 Called at the end of each step as `callback_on_step_end(self, step, timestep, callback_kwargs)`; it
-                may return replacements for the tensors in `callback_kwargs`.
+                may return replacements for the tensors in `callback_kwargs` (a replaced `negative_prompt_embeds`
+                also steers the following steps).
             callback_on_step_end_tensor_inputs (`list`, *optional*):
                 The tensors passed in `callback_kwargs`, from `self._callback_tensor_inputs`.
 
@@ -347,6 +387,8 @@ class InstaFlowPipeline(
             negative_prompt_embeds,
             output_type,
             callback_on_step_end_tensor_inputs,
+            nasa_scale=nasa_scale,
+            negative_attention_method=negative_attention_method,
         )
 
         self._guidance_scale = guidance_scale
@@ -363,7 +405,12 @@ class InstaFlowPipeline(
 
         device = self._execution_device
 
-        # 3. Encode input prompt
+        nasa_scale = resolve_nasa_scale(self.config, nasa_scale, negative_attention_method)
+        steer_attention = steers_attention(
+            self.do_classifier_free_guidance, nasa_scale, negative_prompt, negative_prompt_embeds
+        )
+
+        # 3. Encode input prompt (the negative one once, for CFG or for the steered cross-attention)
         lora_scale = (
             self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs is not None else None
         )
@@ -371,7 +418,7 @@ class InstaFlowPipeline(
             prompt,
             device,
             num_images_per_prompt,
-            self.do_classifier_free_guidance,
+            self.do_classifier_free_guidance or steer_attention,
             negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
@@ -400,9 +447,19 @@ class InstaFlowPipeline(
             latents,
         )
 
-        # 6. Denoising loop: Euler steps along the velocity, from noise (t = 1000) towards the image
+        # 6. Steer cross-attention away from the negative prompt for this call; processors are restored after it
+        steering = negative_attention_during_call(
+            self.unet,
+            negative_prompt_embeds,
+            nasa_scale,
+            negative_attention_method,
+            negative_attention_kwargs,
+            enabled=steer_attention,
+        )
+
+        # 7. Denoising loop: Euler steps along the velocity, from noise (t = 1000) towards the image
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with steering as negative_processor, self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
 
@@ -430,10 +487,12 @@ class InstaFlowPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if negative_processor is not None:
+                        negative_processor.negative_encoder_hidden_states = negative_prompt_embeds
 
                 progress_bar.update()
 
-        # 7. Decode the image latents
+        # 8. Decode the image latents
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[
                 0

@@ -14,7 +14,6 @@
 """One-step (and few-step) text-to-image for students that map noise to an image in one UNet evaluation."""
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from itertools import pairwise
 from typing import Any
 
@@ -39,7 +38,14 @@ from diffusers.utils import (
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from ...attention.nasa import NEGATIVE_ATTENTION_PROCESSORS, negative_attention
+from ..negative_prompts import (
+    DEFAULT_NAG_SCALE,
+    DEFAULT_NASA_SCALE,
+    check_negative_attention_inputs,
+    negative_attention_during_call,
+    resolve_nasa_scale,
+    steers_attention,
+)
 
 
 if is_torch_xla_available():
@@ -165,8 +171,8 @@ class OneStepPipeline(
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         student_timestep: int = 999,
-        default_nasa_scale: float = 0.1,
-        default_nag_scale: float = 4.0,
+        default_nasa_scale: float = DEFAULT_NASA_SCALE,
+        default_nag_scale: float = DEFAULT_NAG_SCALE,
     ):
         super().__init__()
 
@@ -423,18 +429,7 @@ class OneStepPipeline(
         if any(later >= earlier for earlier, later in pairwise(timesteps)):
             raise ValueError(f"`timesteps` has to be strictly decreasing but is {timesteps}.")
 
-        if nasa_scale is not None and nasa_scale < 0:
-            raise ValueError(f"`nasa_scale` has to be >= 0 but is {nasa_scale}.")
-        if nasa_scale is not None and guidance_scale > 1:
-            raise ValueError(
-                f"`nasa_scale` steers attention only when `guidance_scale` <= 1, but `guidance_scale` is"
-                f" {guidance_scale}: the negative prompt then acts through classifier-free guidance."
-            )
-        if negative_attention_method not in NEGATIVE_ATTENTION_PROCESSORS:
-            raise ValueError(
-                f"`negative_attention_method` has to be one of {sorted(NEGATIVE_ATTENTION_PROCESSORS)} but is"
-                f" {negative_attention_method!r}."
-            )
+        check_negative_attention_inputs(guidance_scale, nasa_scale, negative_attention_method)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` has to be 'pil', 'np', 'pt' or 'latent' but is {output_type!r}.")
 
@@ -657,14 +652,10 @@ class OneStepPipeline(
 
         device = self._execution_device
 
-        if nasa_scale is None:
-            nasa_scale = (
-                self.config.default_nasa_scale
-                if negative_attention_method == "nasa"
-                else self.config.default_nag_scale
-            )
-        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
-        steer_attention = not self.do_classifier_free_guidance and has_negative and nasa_scale > 0
+        nasa_scale = resolve_nasa_scale(self.config, nasa_scale, negative_attention_method)
+        steer_attention = steers_attention(
+            self.do_classifier_free_guidance, nasa_scale, negative_prompt, negative_prompt_embeds
+        )
 
         # 3. Encode input prompt (the negative one once, for CFG or for the steered cross-attention)
         lora_scale = (
@@ -706,16 +697,13 @@ class OneStepPipeline(
         )
 
         # 6. Steer cross-attention away from the negative prompt for this call; processors are restored after it
-        steering = (
-            negative_attention(
-                self.unet,
-                negative_prompt_embeds,
-                nasa_scale,
-                method=negative_attention_method,
-                **(negative_attention_kwargs or {}),
-            )
-            if steer_attention
-            else nullcontext()
+        steering = negative_attention_during_call(
+            self.unet,
+            negative_prompt_embeds,
+            nasa_scale,
+            negative_attention_method,
+            negative_attention_kwargs,
+            enabled=steer_attention,
         )
 
         # 7. Sampling loop: x0 at each timestep, re-noised to the next one
