@@ -100,3 +100,17 @@ def test_bad_training_flags_are_rejected(tmp_path):
         train_teacher.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "0"])
     with pytest.raises(ValueError, match="--vae_train_steps"):
         train_teacher.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "1", "--vae_train_steps", "0"])
+
+
+def test_high_noise_timesteps():
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import train_teacher
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    assert train_teacher.sample_timesteps(4000, 1000, 1.0, 600).min() >= 600
+    uniform = train_teacher.sample_timesteps(4000, 1000, 0.0, 600)
+    assert uniform.min() < 50 and uniform.max() > 950
+    half = train_teacher.sample_timesteps(4000, 1000, 0.5, 600)
+    assert 0.65 < (half >= 600).float().mean().item() < 0.75  # 0.5 + 0.5 * 0.4
