@@ -57,7 +57,6 @@ def test_bad_input_names_the_argument(argv, message, tiny_sd_path, tmp_path, mon
         assert all(name in error for name in assets.names())
 
 
-@pytest.mark.skipif("shapes-teacher" not in assets.names(), reason="teacher asset not built")
 def test_eval_prints_json_with_every_metric(capsys):
     main(["eval", "--model", "shapes-teacher", "--n", "8", "--steps", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
