@@ -54,6 +54,16 @@ def test_train_teacher_runs_and_resumes(tmp_path):
     assert not list(out.glob("*.partial"))
     second_unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(first_unet[k], second_unet[k]) for k in first_unet)
+    scaling_factor = StableDiffusionPipeline.from_pretrained(out).vae.config.scaling_factor
+
+    # Resuming at the last step only exports the model, with the same latent scale.
+    accelerate_launch(
+        "train_teacher.py", "--output_dir", str(out), "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+        *TEACHER_ARGS,
+    )  # fmt: skip
+    assert StableDiffusionPipeline.from_pretrained(out).vae.config.scaling_factor == pytest.approx(scaling_factor)
+    exported_unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported_unet[k], second_unet[k]) for k in second_unet)
 
     # The result is a plain Diffusers checkpoint with a model card that records the command.
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -134,6 +134,13 @@ def latent_scaling_factor(vae, pixel_values: torch.Tensor) -> float:
     return float(1.0 / vae.encode(pixel_values).latent_dist.mean.std())
 
 
+def freeze_vae(vae, pixel_values: torch.Tensor) -> None:
+    """End of the VAE stage: freeze it and fix the latent scale (recomputed the same way after a resume)."""
+    vae.eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, pixel_values))
+    logger.info(f"VAE frozen; scaling_factor = {vae.config.scaling_factor:.4f}")
+
+
 def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae,
@@ -247,10 +254,8 @@ def main(argv: list[str] | None = None) -> None:
                 vae_optimizer.step()
                 vae_optimizer.zero_grad()
         else:
-            if raw_vae.training:  # first UNet step of this process: freeze the VAE and fix the latent scale
-                raw_vae.eval().requires_grad_(False)
-                raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, scale_batch))
-                logger.info(f"VAE frozen; scaling_factor = {raw_vae.config.scaling_factor:.4f}")
+            if raw_vae.training:  # first UNet step of this process
+                freeze_vae(raw_vae, scale_batch)
             with accelerator.accumulate(unet, text_encoder):
                 with torch.no_grad():
                     latents = raw_vae.encode(batch["pixel_values"]).latent_dist.sample()
@@ -303,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
             ema.restore(diffusion_params)
 
     accelerator.wait_for_everyone()
+    if raw_vae.training:  # resumed at the last step: the loop never ran
+        freeze_vae(raw_vae, scale_batch)
     if accelerator.is_main_process:
         ema.copy_to(diffusion_params)
         pipeline = build_pipeline(
