@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -27,12 +28,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, help=f"An embedded model ({', '.join(assets.names())}), a local folder or a Hub id."
     )
     parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's).")
+    parser.add_argument(
+        "--nasa-scale",
+        type=_non_negative_float,
+        default=None,
+        help="Strength of negative prompts at guidance <= 1 (NASA's alpha; default: the model's).",
+    )
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
 
@@ -54,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     evaluate.add_argument("--n", type=_positive_int, default=1000, help="Number of evaluation prompts.")
     evaluate.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+    evaluate.add_argument(
+        "--negative",
+        action="store_true",
+        help="Measure negative prompts instead: colour-free prompts with each colour as negative prompt in turn"
+        " ((1 + 8) x --n images; see fastgen_diffusers.shapes.negative_eval).",
+    )
     return parser
 
 
@@ -75,7 +95,28 @@ def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[
     return {
         "num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps"),
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale"),
+        "nasa_scale": args.nasa_scale,
     }
+
+
+# Pipeline call argument -> the flag that sets it.
+CALL_ARGUMENT_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "nasa_scale": "--nasa-scale",
+    "negative_prompt": "--negative-prompt",
+}
+
+
+def check_call_arguments(pipe, settings: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """Stop with an error naming the flag when the pipeline's call does not take a setting that is given."""
+    accepted = inspect.signature(pipe.__call__).parameters
+    for name, value in settings.items():
+        if value is not None and name not in accepted:
+            parser.error(f"{CALL_ARGUMENT_FLAGS[name]}: {type(pipe).__name__} takes no `{name}`.")
+    guidance = settings.get("guidance_scale")
+    if settings.get("nasa_scale") is not None and guidance is not None and guidance > 1:
+        parser.error(f"--nasa-scale steers attention only at guidance <= 1, but the guidance scale is {guidance}.")
 
 
 def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -94,6 +135,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
     pipe, metadata = load_pipeline(args.model, parser)
     settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt}
+    check_call_arguments(pipe, settings, parser)
     expanded = [prompt for prompt in prompts for _ in range(args.num_images)]
     images = generate_images(pipe, expanded, seed=args.seed, batch_size=args.batch_size, **settings)
 
@@ -136,11 +178,24 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     pipe, metadata = load_pipeline(args.model, parser)
     settings = sampling_kwargs(args, metadata)
-    result = evaluate_pipeline(
-        pipe, ShapesJudge.from_pretrained(), num_prompts=args.n, seed=args.seed, batch_size=args.batch_size, **settings
-    )
+    check_call_arguments(pipe, settings, parser)
+    judge = ShapesJudge.from_pretrained()
+    if args.negative:
+        from .shapes.negative_eval import evaluate_negative_prompts, format_negative_table
+
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            parser.error(f"--negative: {type(pipe).__name__} takes no `negative_prompt`.")
+        result = evaluate_negative_prompts(
+            pipe, judge, num_prompts=args.n, seed=args.seed, batch_size=args.batch_size, **settings
+        )
+    else:
+        result = evaluate_pipeline(
+            pipe, judge, num_prompts=args.n, seed=args.seed, batch_size=args.batch_size, **settings
+        )
     if args.json:
         print(json.dumps({"model": args.model, "seed": args.seed, **settings, **result}))
+    elif args.negative:
+        print(f"model: {args.model}   settings: {settings}\n{format_negative_table(result)}")
     else:
         print(format_table(args.model, settings, result))
 

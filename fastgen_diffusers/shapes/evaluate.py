@@ -32,15 +32,22 @@ def generate_images(
     """Images for `prompts` in order; image i uses `image_generator(seed, first_index + i)`.
 
     `call_kwargs` go to the pipeline call (e.g. `num_inference_steps`, `guidance_scale`,
-    `negative_prompt`); None values are left to the pipeline's defaults.
+    `negative_prompt`); None values are left to the pipeline's defaults. A string `negative_prompt`
+    applies to every prompt, a list holds one per prompt (Diffusers pipelines want a list of the
+    batch's length beside a list of prompts).
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
     call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
+    negative_prompt = call_kwargs.pop("negative_prompt", None)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         generators = [image_generator(seed, first_index + start + i) for i in range(len(batch))]
+        if isinstance(negative_prompt, str):
+            call_kwargs["negative_prompt"] = [negative_prompt] * len(batch)
+        elif negative_prompt is not None:
+            call_kwargs["negative_prompt"] = negative_prompt[start : start + batch_size]
         images.extend(pipe(prompt=batch, generator=generators, output_type="pil", **call_kwargs).images)
     return images
 
