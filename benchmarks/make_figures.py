@@ -31,7 +31,7 @@ def main() -> None:
     for model in args.model:
         pipe = FastPipeline.from_pretrained(model)
         pipe.set_progress_bar_config(disable=True)
-        defaults = sampling_kwargs(argparse.Namespace(steps=None, guidance_scale=None), read_fastgen_metadata(resolve_model_location(model)))
+        defaults = sampling_kwargs(argparse.Namespace(steps=None, guidance_scale=None, nasa_scale=None), read_fastgen_metadata(resolve_model_location(model)))
         images = generate_images(pipe, [p.caption for p in prompts], seed=args.seed, **defaults)
         save_image_grid(images, args.out / f"{Path(model).name}_samples.png", columns=8)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from fastgen_diffusers.pipelines.auto import write_fastgen_metadata
 from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
 from fastgen_diffusers.shapes.teacher_config import (
+    PREDICTION_TYPES,
     SCALES,
     make_noise_scheduler,
     make_sampling_scheduler,
@@ -48,6 +49,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
 from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card, training_command
+from fastgen_diffusers.training.snr_weighting import loss_weights
 from fastgen_diffusers.training.validation import save_image_grid
 
 
@@ -65,12 +67,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--empty_caption_prob", type=float, default=0.1, help="Caption dropout for CFG.")
     group = parser.add_argument_group("vae stage")
     group.add_argument("--vae_train_steps", type=int, default=1200)
+    group.add_argument(
+        "--vae_from",
+        type=str,
+        default=None,
+        help="A trained VAE folder (e.g. a previous run's `vae/`) to use instead of the VAE stage; "
+        "needs --vae_train_steps 0. Its latent scale is measured again.",
+    )
     group.add_argument("--vae_learning_rate", type=float, default=2e-3)
     group.add_argument("--kl_weight", type=float, default=1e-6)
     group = parser.add_argument_group("unet stage")
+    group.add_argument(
+        "--prediction_type",
+        type=str,
+        default="v_prediction",
+        choices=PREDICTION_TYPES,
+        help="What the UNet predicts on SD's schedule: 'epsilon' (SD 1.x) or 'v_prediction' (SD 2.x-v).",
+    )
     group.add_argument("--learning_rate", type=float, default=5e-4)
     group.add_argument("--lr_warmup_steps", type=int, default=200)
     group.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off.")
+    group.add_argument(
+        "--snr_floor",
+        type=float,
+        default=0.0,
+        help="Least weight of x0 errors at high noise (0 = off); see `loss_weights`.",
+    )
     group.add_argument(
         "--high_noise_fraction",
         type=float,
@@ -84,8 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_common_training_args(args)
     if not 0.0 <= args.high_noise_fraction <= 1.0:
         raise ValueError(f"`--high_noise_fraction` must lie in [0, 1], got {args.high_noise_fraction}.")
-    if args.vae_train_steps <= 0:
+    if args.snr_floor < 0:
+        raise ValueError(f"`--snr_floor` must be >= 0, got {args.snr_floor}.")
+    if args.vae_from is None and args.vae_train_steps <= 0:
         raise ValueError(f"`--vae_train_steps` must be positive, got {args.vae_train_steps}.")
+    if args.vae_from is not None and args.vae_train_steps != 0:
+        raise ValueError(f"`--vae_from` replaces the VAE stage: pass `--vae_train_steps 0`, got {args.vae_train_steps}.")
     return args
 
 
@@ -141,13 +167,13 @@ def freeze_vae(vae, pixel_values: torch.Tensor) -> None:
     logger.info(f"VAE frozen; scaling_factor = {vae.config.scaling_factor:.4f}")
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+def build_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=make_sampling_scheduler(),
+        scheduler=make_sampling_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -174,15 +200,19 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tokenizer_files:
         tokenizer = build_tokenizer(tokenizer_files)
-    vae, text_encoder, unet = make_vae(args.scale), make_text_encoder(tokenizer, args.scale), make_unet(args.scale)
-    noise_scheduler = make_noise_scheduler()
+    text_encoder, unet = make_text_encoder(tokenizer, args.scale), make_unet(args.scale)
+    if args.vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(args.vae_from).train()  # frozen at the first UNet step, as a trained one
+    else:
+        vae = make_vae(args.scale)
+        # Start the posterior nearly deterministic (std ~0.05): with SD's init (std 1) the decoder sees
+        # latents drowned in sampling noise and a short run never learns the small shapes.
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
+    noise_scheduler = make_noise_scheduler(args.prediction_type)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    # Start the posterior nearly deterministic (std ~0.05): with SD's init (std 1) the decoder sees
-    # latents drowned in sampling noise and a short run never learns the small shapes.
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     vae_step = VAEWithKL(vae)
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     diffusion_params = list(itertools.chain(unet.parameters(), text_encoder.parameters()))
@@ -270,11 +300,14 @@ def main(argv: list[str] | None = None) -> None:
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
                 prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-                if args.snr_gamma > 0:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    loss = loss * torch.clamp(snr, max=args.snr_gamma) / snr
-                loss = loss.mean()
+                if args.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                snr = compute_snr(noise_scheduler, timesteps)
+                weights = loss_weights(snr, args.snr_gamma, args.snr_floor, args.prediction_type)
+                loss = (loss * weights).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(diffusion_params, args.max_grad_norm)
@@ -299,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             ema.store(diffusion_params)
             ema.copy_to(diffusion_params)
             pipeline = build_pipeline(
-                raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet)
+                raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet),
+                args.prediction_type,
             )
             pipeline.set_progress_bar_config(disable=True)
             generator = torch.Generator().manual_seed(args.seed)
@@ -313,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         ema.copy_to(diffusion_params)
         pipeline = build_pipeline(
-            raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet)
+            raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet),
+            args.prediction_type,
         )
         pipeline.save_pretrained(str(output_dir))
         write_fastgen_metadata(
@@ -322,7 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         save_model_card(
             output_dir,
             template="shapes_teacher",
-            fields={"command": (output_dir / "training_commands.txt").read_text().strip(), "steps": str(args.max_train_steps), "vae_steps": str(args.vae_train_steps)},
+            fields={
+                "prediction": args.prediction_type,
+                "command": (output_dir / "training_commands.txt").read_text().strip(),
+                "steps": str(args.max_train_steps),
+                "vae_steps": str(args.vae_train_steps) if args.vae_from is None else f"0 (VAE from `{args.vae_from}`)",
+            },
             tags=["text-to-image", "stable-diffusion", "shapesworld"],
         )
         if args.push_to_hub:

@@ -8,6 +8,7 @@ decoder keeps them apart.
 
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -25,9 +26,12 @@ SD_SCHEDULE = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    prediction_type="epsilon",
     clip_sample=False,
 )
+# SD 1.x predicts epsilon, SD 2.x-v the velocity, on that same schedule. The shipped teacher is
+# v (SD 2.1 style): an epsilon UNet this small never learned position or background, because
+# at t ~ 1000 it must copy its noisy input to within 0.5% before its x0 guess beats zero.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _check_scale(scale: str) -> None:
@@ -68,7 +72,11 @@ def make_text_encoder(tokenizer: CLIPTokenizer, scale: str = "full") -> CLIPText
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    text_encoder = CLIPTextModel(config)
+    # CLIP's init (std 0.02) starts every word near the same point; words the UNet has not yet
+    # learned to read then get no gradient and stay there. Unit-norm embeddings keep them apart.
+    torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, std=hidden_size**-0.5)
+    return text_encoder
 
 
 def make_unet(scale: str = "full") -> UNet2DConditionModel:
@@ -88,10 +96,23 @@ def make_unet(scale: str = "full") -> UNet2DConditionModel:
     )
 
 
-def make_noise_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**SD_SCHEDULE)
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
-def make_sampling_scheduler() -> DDIMScheduler:
+def make_noise_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
+    _check_prediction_type(prediction_type)
+    return DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+
+
+def make_sampling_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
     """The teacher's default sampler (25 DDIM steps, CFG 4 by default in `fastgen eval`)."""
-    return DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    _check_prediction_type(prediction_type)
+    return DDIMScheduler(
+        **SD_SCHEDULE,
+        prediction_type=prediction_type,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
