@@ -201,8 +201,11 @@ def teacher_pairs(launch, tiny_sd_path, tmp_path_factory):
 
 def test_pairs_do_not_depend_on_the_number_of_processes(launch, tiny_sd_path, teacher_pairs, tmp_path):
     out = tmp_path / "two-processes"
-    launch("generate_reflow_pairs.py", "--pretrained_model_name_or_path", str(tiny_sd_path), "--output_dir", str(out),
-           *PAIRS_ARGS, num_processes=2)  # fmt: skip
+    result = launch("generate_reflow_pairs.py", "--pretrained_model_name_or_path", str(tiny_sd_path), "--output_dir",
+                    str(out), *PAIRS_ARGS, num_processes=2)  # fmt: skip
+    # Shards 0 and 2 go to process 0, shard 1 to process 1: each process writes only its own.
+    assert "[RANK 0] 0 shards complete; this process writes 2 of its 2" in result.stderr
+    assert "[RANK 1] 0 shards complete; this process writes 1 of its 1" in result.stderr
     assert complete_shards(out) == complete_shards(teacher_pairs) == [0, 1, 2]
     one, two = read_pairs(teacher_pairs, tmp_path / "cache"), read_pairs(out, tmp_path / "cache")
     assert one["index"].tolist() == two["index"].tolist() == list(range(10))

@@ -24,6 +24,7 @@ import datasets
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import parse_flag_from_env
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
@@ -146,7 +147,9 @@ def check_pairs_config(output_dir: Path, config: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    state = PartialState()
+    # Like `Accelerator`, honour `accelerate launch --cpu` / ACCELERATE_USE_CPU: without it, CPU processes
+    # would not join one process group and each would write every shard.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
 
