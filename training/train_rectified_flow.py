@@ -20,15 +20,11 @@ Only the UNet trains (all of it, or a LoRA with `--use_lora`). The output is an 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import logging
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
@@ -42,7 +38,7 @@ from fastgen_diffusers import FastPipeline, InstaFlowPipeline, RectifiedFlowEule
 from fastgen_diffusers.pipelines.auto import resolve_model_location, write_fastgen_metadata
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card, training_command
+from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
 from fastgen_diffusers.training.reflow import (
     LOSSES,
     PairCollator,
@@ -55,8 +51,8 @@ from fastgen_diffusers.training.reflow import (
     reflow_target,
     unet_time,
 )
+from fastgen_diffusers.training.run import resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
-
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -161,20 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     lpips_model = load_lpips() if args.loss == "lpips" else None  # fail before loading anything else
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order after a resume
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-        with open(output_dir / "training_commands.txt", "a") as log:  # a resumed run is made by several commands
-            log.write(training_command() + "\n")
+    accelerator = start_run(args)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = FastPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=torch.float32)
@@ -274,16 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             ).images
         save_image_grid(images + teacher_images, output_dir / "validation" / f"{name}.png", columns=len(images))
 
-    batches_per_epoch = len(dataloader)
-    epoch, skip = divmod(global_step, batches_per_epoch)
-
-    def batches():
-        for e in itertools.count(epoch):
-            dataloader.set_epoch(e)
-            loader = accelerator.skip_first_batches(dataloader, skip) if e == epoch and skip else dataloader
-            yield from loader
-
-    data = batches()
+    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )

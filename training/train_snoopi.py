@@ -28,16 +28,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
@@ -56,7 +53,8 @@ from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import tokenize
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card, training_command
+from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.run import resumed_batches, start_run
 from fastgen_diffusers.training.score_distillation import (
     classifier_free_guidance,
     dmd_gradient,
@@ -70,7 +68,6 @@ from fastgen_diffusers.training.score_distillation import (
     vsd_loss,
 )
 from fastgen_diffusers.training.validation import save_image_grid
-
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -287,20 +284,7 @@ def guided_noise(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same prompt order after a resume
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)  # the same LoRA initialisation on every process
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-        with open(output_dir / "training_commands.txt", "a") as log:  # a resumed run is made by several commands
-            log.write(training_command() + "\n")
+    accelerator = start_run(args)
 
     # Frozen pieces in the mixed-precision dtype; trainable weights (student, LoRAs) stay in float32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -474,15 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    epoch, skip = divmod(global_step * args.gradient_accumulation_steps, len(dataloader))  # batches already used
-
-    def batches():
-        for e in itertools.count(epoch):
-            dataloader.set_epoch(e)
-            loader = accelerator.skip_first_batches(dataloader, skip) if e == epoch and skip else dataloader
-            yield from loader
-
-    data = batches()
+    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import logging
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -48,10 +44,10 @@ from fastgen_diffusers.shapes.tokenizer import build_tokenizer
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card, training_command
+from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.run import resumed_batches, start_run
 from fastgen_diffusers.training.snr_weighting import loss_weights
 from fastgen_diffusers.training.validation import save_image_grid
-
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -183,20 +179,7 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str) -> 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order after a resume
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-        with open(output_dir / "training_commands.txt", "a") as log:  # a resumed run is made by several commands
-            log.write(training_command() + "\n")
+    accelerator = start_run(args)
 
     with tempfile.TemporaryDirectory() as tokenizer_files:
         tokenizer = build_tokenizer(tokenizer_files)
@@ -263,16 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     raw_vae = accelerator.unwrap_model(vae_step).vae
     validation_prompts = [p.caption for p in evaluation_prompts(args.num_validation_images, seed=args.seed)]
 
-    batches_per_epoch = len(dataloader)
-    epoch, skip = divmod(global_step, batches_per_epoch)
-
-    def batches():
-        for e in itertools.count(epoch):
-            dataloader.set_epoch(e)
-            loader = accelerator.skip_first_batches(dataloader, skip) if e == epoch and skip else dataloader
-            yield from loader
-
-    data = batches()
+    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     while global_step < total_steps:
         batch = next(data)
