@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline, RectifiedFlowEulerScheduler
 from fastgen_diffusers.pipelines.auto import resolve_model_location, write_fastgen_metadata
+from fastgen_diffusers.pipelines.negative_prompts import DEFAULT_NASA_SCALE
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_inference_steps", type=int, default=None, help="Euler steps (default: 4; 1 with --distill)."
     )
     group.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale; 1 turns it off.")
+    group.add_argument(
+        "--nasa_scale",
+        type=float,
+        default=DEFAULT_NASA_SCALE,
+        help="Default NASA scale for negative prompts at guidance <= 1, stored in the output pipeline's config.",
+    )
     args = parser.parse_args(argv)
 
     check_common_training_args(args)
@@ -97,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("`--loss lpips` compares the one-step student's decoded images; use it with `--distill`.")
     if args.huber_c is not None and args.huber_c <= 0:
         raise ValueError(f"`--huber_c` must be positive, got {args.huber_c}.")
+    if args.nasa_scale < 0:
+        raise ValueError(f"`--nasa_scale` must be >= 0, got {args.nasa_scale}.")
     if args.lora_rank <= 0:
         raise ValueError(f"`--lora_rank` must be a positive integer, got {args.lora_rank}.")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -112,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_pipeline(base, unet) -> InstaFlowPipeline:
+def build_pipeline(base, unet, nasa_scale: float) -> InstaFlowPipeline:
     """The student as an InstaFlowPipeline: its UNet, everything else from the base checkpoint."""
     return InstaFlowPipeline(
         vae=base.vae,
@@ -122,6 +131,7 @@ def build_pipeline(base, unet) -> InstaFlowPipeline:
         scheduler=RectifiedFlowEulerScheduler(),
         safety_checker=base.components.get("safety_checker"),
         feature_extractor=base.components.get("feature_extractor"),
+        default_nasa_scale=nasa_scale,
     )
 
 
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_images = VaeImageProcessor().postprocess(teacher_pixels.float(), output_type="pil")
 
     def save_validation(name: str) -> None:
-        pipeline = build_pipeline(base, accelerator.unwrap_model(unet))
+        pipeline = build_pipeline(base, accelerator.unwrap_model(unet), args.nasa_scale)
         pipeline.set_progress_bar_config(disable=True)
         with accelerator.autocast():
             images = pipeline(
@@ -326,9 +336,13 @@ def main(argv: list[str] | None = None) -> None:
                 safe_serialization=True,
             )
         else:
-            build_pipeline(base, unet).save_pretrained(str(output_dir))
+            build_pipeline(base, unet, args.nasa_scale).save_pretrained(str(output_dir))
         stage = "one-step distillation" if args.distill else "2-Rectified Flow"
-        default_inference = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+        default_inference = {
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale,
+            "nasa_scale": args.nasa_scale,
+        }
         write_fastgen_metadata(
             output_dir,
             {
@@ -362,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pairs_teacher": f"`{teacher}`, {sampler}",
                 "num_inference_steps": str(args.num_inference_steps),
                 "guidance_scale": str(args.guidance_scale),
+                "nasa_scale": f"{args.nasa_scale:g}",
                 "usage": usage_snippet(args, validation["prompt"][0]),
                 "command": (output_dir / "training_commands.txt").read_text().strip(),
             },
