@@ -36,7 +36,6 @@ from fastgen_diffusers.shapes.evaluate import evaluate_pipeline, generate_images
 from fastgen_diffusers.shapes.judge import ShapesJudge
 from fastgen_diffusers.shapes.negative_eval import evaluate_negative_prompts, format_negative_table
 
-
 DEFAULT_CONFIGS = [
     "teacher, 25 DDIM steps, CFG 4 (default)|shapes-teacher|num_inference_steps=25,guidance_scale=4",
     "teacher, 1 DDIM step, CFG 4|shapes-teacher|num_inference_steps=1,guidance_scale=4,timestep_spacing=trailing",
@@ -128,12 +127,17 @@ def main() -> None:
 
     reference = results[0]
     lines = [
-        f"ShapesWorld, {args.n} evaluation prompts, seed 0; speed: batches of {args.speed_batch}, median of"
-        f" {args.repeats} interleaved rounds, {torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}).",
+        (
+            f"ShapesWorld, {args.n} evaluation prompts, seed 0; speed: batches of {args.speed_batch}, median of"
+            f" {args.repeats} interleaved rounds, {torch.get_num_threads()} CPU threads"
+            f" ({platform.processor() or platform.machine()})."
+        ),
         "Ratios are to the first row, measured in this run.",
         "",
-        "| configuration | all | shape | colour | size | position | background | held-out all | shapes_fd"
-        " | all / first | fd / first | images/s | speed-up |",
+        (
+            "| configuration | all | shape | colour | size | position | background | held-out all | shapes_fd"
+            " | all / first | fd / first | images/s | speed-up |"
+        ),
         "|---" * 13 + "|",
     ]
     for config, result, speed in zip(configs, results, speeds):
@@ -145,9 +149,7 @@ def main() -> None:
             f" | {a['all'] / reference['adherence']['all']:.3f} | {result['shapes_fd'] / reference['shapes_fd']:.2f}"
             f" | {speed:.1f} | {speed / speeds[0]:.1f}x |"
         )
-    record = [
-        {**c, **r, "images_per_second_interleaved": s} for c, r, s in zip(configs, results, speeds)
-    ]
+    record = [{**c, **r, "images_per_second_interleaved": s} for c, r, s in zip(configs, results, speeds)]
 
     if args.negative:
         for pipe, config in zip(pipes, configs):
@@ -156,7 +158,12 @@ def main() -> None:
                 continue
             print(f"negative prompts: {config['label']}", flush=True)
             negative = evaluate_negative_prompts(pipe, judge, num_prompts=args.negative_n, seed=0, **config["call"])
-            lines += ["", f"### {config['label']}: `negative_prompt` through NASA", "", format_negative_table(negative)]
+            lines += [
+                "",
+                f"### {config['label']}: `negative_prompt` through NASA",
+                "",
+                format_negative_table(negative),
+            ]
             record.append({"label": config["label"], "negative": negative})
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from fastgen_diffusers.shapes.judge import ShapesJudge
 from fastgen_diffusers.shapes.negative_eval import colour_free_prompts
 from fastgen_diffusers.training.validation import save_image_grid
 
-
 COMPARISON_COLUMNS = 8
 
 
@@ -48,7 +47,9 @@ def main() -> None:
     args = parser.parse_args()
 
     prompts = evaluation_prompts(args.n, seed=args.seed)
-    save_image_grid([render_attributes(p.attributes, p.seed) for p in prompts], args.out / "shapesworld_real.png", columns=8)
+    save_image_grid(
+        [render_attributes(p.attributes, p.seed) for p in prompts], args.out / "shapesworld_real.png", columns=8
+    )
     (args.out / "prompts.txt").write_text("\n".join(p.caption for p in prompts) + "\n")
     rows = []
     for model in args.model:

@@ -19,7 +19,6 @@ from fastgen_diffusers import assets
 from fastgen_diffusers.cli import main as fastgen
 from fastgen_diffusers.training.validation import save_image_grid
 
-
 PROMPTS = [
     "a large red circle at the top left on a white background",
     "a small blue square at the bottom right on a black background",

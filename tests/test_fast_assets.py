@@ -33,9 +33,14 @@ def judge():
 def test_fast_model_follows_the_prompt_from_one_seed(name, judge):
     pipe = FastPipeline.from_pretrained(name)
     assert type(pipe) is FAST_MODELS[name]
-    prompts = [f"a large {c} circle at the {p} on a {b} background" for c, p, b in zip(COLOURS, POSITIONS, BACKGROUNDS)]
+    prompts = [
+        f"a large {c} circle at the {p} on a {b} background" for c, p, b in zip(COLOURS, POSITIONS, BACKGROUNDS)
+    ]
     images = pipe(
-        prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts], output_type="np", **default_settings(name)
+        prompts,
+        generator=[torch.Generator().manual_seed(0) for _ in prompts],
+        output_type="np",
+        **default_settings(name),
     ).images
     assert images.shape == (8, 32, 32, 3)
     read = judge.read(images)

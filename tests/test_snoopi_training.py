@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
+from test_training_scripts import REPO, accelerate_launch
 
 from fastgen_diffusers import FastPipeline, OneStepPipeline
 from fastgen_diffusers.training.checkpointing import list_checkpoints
@@ -26,8 +27,6 @@ from fastgen_diffusers.training.score_distillation import (
     vsd_gradient,
     vsd_loss,
 )
-from test_training_scripts import REPO, accelerate_launch
-
 
 ALPHAS_CUMPROD = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
@@ -249,14 +248,17 @@ def test_lora_student_loads_as_lora_weights_on_the_teacher(tiny_sd_path, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green cross on a white background\n")
     out = tmp_path / "lora"
-    # Also the other options: prompts from a file, fixed-scale VSD, two fake updates per step, DMD2's weighting.
+    negatives = tmp_path / "negatives.txt"
+    negatives.write_text("blurry\nlow quality\n")
+    # Also the other options: prompts from a file, fixed-scale VSD, two fake updates per step, DMD2's weighting,
+    # NASA-T on every step.
     train(tiny_sd_path, out, 2, "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--prompts_file", str(prompts),
           "--guidance_scale_min", "3", "--guidance_scale_max", "3", "--fake_updates_per_step", "2",
-          "--vsd_weighting", "dmd2")  # fmt: skip
+          "--vsd_weighting", "dmd2", "--nasa_training_prob", "1", "--negative_prompts_file", str(negatives))  # fmt: skip
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in k and k.startswith("unet.") for k in lora)
     card = (out / "README.md").read_text()
-    assert "fixed kappa = 3" in card and "DMD2's" in card
+    assert "fixed kappa = 3" in card and "DMD2's" in card and "NASA-T on 100% of steps" in card
 
     latents = randn(1, 4, 16, 16)
     merged = FastPipeline.from_pretrained(out)
@@ -277,6 +279,9 @@ def test_lora_student_loads_as_lora_weights_on_the_teacher(tiny_sd_path, tmp_pat
         (["--prompts_file", "p.txt", "--dataset_name", "d"], "--dataset_name"),
         (["--fake_learning_rate", "0"], "--fake_learning_rate"),
         (["--fake_prompt_dropout", "1.5"], "--fake_prompt_dropout"),
+        (["--nasa_training_prob", "2"], "--nasa_training_prob"),
+        (["--nasa_training_max_scale", "-1"], "--nasa_training_max_scale"),
+        (["--negative_prompts_file", "missing.txt"], "--negative_prompts_file"),
         (["--gradient_accumulation_steps", "2", "--fake_updates_per_step", "2"], "--gradient_accumulation_steps"),
     ],
 )
@@ -287,6 +292,15 @@ def test_bad_flags_are_rejected_by_name(flags, message, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=message):
         train_snoopi.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "o", "--max_train_steps", "1",
                                  *flags])  # fmt: skip
+
+
+def test_nasa_t_negatives_never_name_a_colour_the_prompt_asks_for():
+    train_snoopi = import_train_snoopi()
+    prompts = ["a large red circle at the top", "a square", "a small blue cross"] * 20
+    drawn = train_snoopi.draw_negative_prompts(prompts, None)
+    assert all(f" {n} " not in f" {p} " for p, n in zip(prompts, drawn))
+    assert len({n for p, n in zip(prompts, drawn) if p == "a square"}) >= 3  # drawn at random, not fixed
+    assert set(train_snoopi.draw_negative_prompts(prompts, ["blurry"])) == {"blurry"}
 
 
 def test_prompts_come_from_captions_only(tmp_path):

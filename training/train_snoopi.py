@@ -46,10 +46,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fastgen_diffusers.attention import negative_attention
 from fastgen_diffusers.pipelines.auto import read_model_index, resolve_model_location, write_fastgen_metadata
 from fastgen_diffusers.pipelines.negative_prompts import DEFAULT_NASA_SCALE
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
+from fastgen_diffusers.shapes.captions import COLOURS
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import tokenize
@@ -159,6 +161,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fake_prompt_dropout", type=float, default=0.1, help="Share of unconditioned fake-score training samples."
     )
 
+    group = parser.add_argument_group("NASA-T: negative prompts in distillation (SNOOPI v3, section 5.3)")
+    group.add_argument(
+        "--nasa_training_prob",
+        type=float,
+        default=0.0,
+        help="Share of steps on which the student runs with NASA on a negative prompt, at alpha ~ U(0, max), and the"
+        " frozen teacher's CFG uses the negative prompt as its unconditional branch (0: plain PG-SB).",
+    )
+    group.add_argument("--nasa_training_max_scale", type=float, default=1.0, help="Upper end of NASA-T's alpha.")
+    group.add_argument(
+        "--negative_prompts_file",
+        type=str,
+        default=None,
+        help="NASA-T negative prompts, one per line, drawn at random (default: a ShapesWorld colour the prompt"
+        " does not name).",
+    )
+
     group = parser.add_argument_group("optimisation")
     group.add_argument("--learning_rate", type=float, default=1e-6, help="Student learning rate (SNOOPI: 1e-6).")
     group.add_argument("--fake_learning_rate", type=float, default=1e-3, help="Fake-score LoRA learning rate.")
@@ -191,7 +210,11 @@ def check_snoopi_args(args: argparse.Namespace) -> None:
                  "num_train_prompts", "fake_updates_per_step"):  # fmt: skip
         if getattr(args, name) <= 0:
             raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
-    for name in ("partial_caption_prob", "fake_prompt_dropout", "ema_decay"):
+    if args.negative_prompts_file is not None and not Path(args.negative_prompts_file).is_file():
+        raise ValueError(f"`--negative_prompts_file` {args.negative_prompts_file!r} is not a file.")
+    if args.nasa_training_max_scale < 0:
+        raise ValueError(f"`--nasa_training_max_scale` must be >= 0, got {args.nasa_training_max_scale}.")
+    for name in ("partial_caption_prob", "fake_prompt_dropout", "ema_decay", "nasa_training_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
     if args.nasa_scale < 0:
@@ -232,8 +255,30 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     return list(dataset.with_format(None)["caption"])  # the plain column: no image transform runs
 
 
-def collate_prompts(prompts: list[str], tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
-    return {"input_ids": tokenize(tokenizer, prompts)}
+def collate_prompts(prompts: list[str], tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor | list[str]]:
+    return {"input_ids": tokenize(tokenizer, prompts), "prompts": prompts}
+
+
+def load_negative_prompts(args: argparse.Namespace) -> list[str] | None:
+    """NASA-T's negative prompts from `--negative_prompts_file`; None means ShapesWorld colours (see below)."""
+    if args.negative_prompts_file is None:
+        return None
+    negatives = [line.strip() for line in Path(args.negative_prompts_file).read_text().splitlines() if line.strip()]
+    if not negatives:
+        raise ValueError(f"`--negative_prompts_file` {args.negative_prompts_file!r} has no prompts.")
+    return negatives
+
+
+def draw_negative_prompts(prompts: list[str], negatives: list[str] | None) -> list[str]:
+    """One negative prompt per prompt: a random line of `negatives`, or else a ShapesWorld colour the prompt does
+    not name (a negative that contradicts the prompt teaches nothing)."""
+    if negatives is not None:
+        return [negatives[i] for i in torch.randint(len(negatives), (len(prompts),)).tolist()]
+    drawn = []
+    for prompt in prompts:
+        absent = [colour for colour in COLOURS if f" {colour} " not in f" {prompt} "]
+        drawn.append(absent[torch.randint(len(absent), ()).item()])
+    return drawn
 
 
 def check_teacher(location: str, args: argparse.Namespace) -> None:
@@ -266,14 +311,18 @@ def guided_noise(
     sample: torch.Tensor,
     timesteps: torch.Tensor,
     prompt_embeds: torch.Tensor,
-    null_embeds: torch.Tensor,
+    unconditional_embeds: torch.Tensor,
     guidance_scale: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
 ) -> torch.Tensor:
-    """Classifier-free-guided epsilon with per-sample scales, from one UNet call on the doubled batch (float32)."""
+    """Classifier-free-guided epsilon with per-sample scales, from one UNet call on the doubled batch (float32).
+
+    `unconditional_embeds` are the null prompt's, or a negative prompt's (NASA-T's teacher)."""
     model_output = unet(
-        torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), torch.cat([null_embeds, prompt_embeds])
+        torch.cat([sample, sample]),
+        torch.cat([timesteps, timesteps]),
+        torch.cat([unconditional_embeds, prompt_embeds]),
     ).sample
     unconditional, conditional = model_output.chunk(2)
     guided = classifier_free_guidance(unconditional, conditional, guidance_scale)
@@ -420,11 +469,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         validation_prompts = prompts[: args.num_validation_images]
 
-    def generate(prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The student's x0 (float32) for fresh noise: one UNet call at the student timestep."""
+    def generate(
+        prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None, nasa_scale: float = 0.0
+    ) -> torch.Tensor:
+        """The student's x0 (float32) for fresh noise: one UNet call at the student timestep, steered away from
+        `negative_embeds` by NASA when they are given (NASA-T)."""
         noise = torch.randn(prompt_embeds.shape[0], *latent_shape, device=accelerator.device)
         timesteps = torch.full((noise.shape[0],), student_timestep, device=accelerator.device)
-        model_output = student(noise, timesteps, prompt_embeds).sample
+        steering = (
+            negative_attention(raw_student, negative_embeds, nasa_scale)
+            if negative_embeds is not None
+            else contextlib.nullcontext()
+        )
+        with steering:
+            model_output = student(noise, timesteps, prompt_embeds).sample
         return one_step_prediction(model_output, noise, alphas_cumprod, student_timestep, prediction_type)
 
     def fake_score_step(original_sample: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -458,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    negative_prompts = load_negative_prompts(args)
     data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
@@ -470,8 +529,20 @@ def main(argv: list[str] | None = None) -> None:
             batch_null_embeds = null_embeds.expand_as(prompt_embeds)
             batch_size = prompt_embeds.shape[0]
 
-            # 1. Student turn: VSD with the same per-sample guidance scale in both teachers.
-            original_sample = generate(prompt_embeds)
+            # 1. Student turn: VSD with the same per-sample guidance scale in both teachers. On a NASA-T step the
+            # student steers away from a negative prompt and the frozen teacher's CFG pushes away from the same
+            # prompt; the fake score keeps the null prompt (SNOOPI v3: negatives there too did worse).
+            teacher_unconditional = batch_null_embeds
+            if torch.rand(()).item() < args.nasa_training_prob:
+                negatives = draw_negative_prompts(batch["prompts"], negative_prompts)
+                with torch.no_grad():
+                    teacher_unconditional = text_encoder(
+                        tokenize(tokenizer, negatives).to(accelerator.device), return_dict=False
+                    )[0]
+                nasa_scale = args.nasa_training_max_scale * torch.rand(()).item()
+                original_sample = generate(prompt_embeds, teacher_unconditional, nasa_scale)
+            else:
+                original_sample = generate(prompt_embeds)
             guidance_scale = sample_guidance_scales(
                 batch_size, args.guidance_scale_min, args.guidance_scale_max, device=accelerator.device
             )
@@ -481,19 +552,16 @@ def main(argv: list[str] | None = None) -> None:
             sample = noisy_sample(
                 original_sample.detach(), torch.randn_like(original_sample), alphas_cumprod, timesteps
             )
-            scores = (
-                sample,
-                timesteps,
-                prompt_embeds,
-                batch_null_embeds,
-                guidance_scale,
-                alphas_cumprod,
-                prediction_type,
-            )
             with torch.no_grad():
                 with adapters_disabled(raw_fake_unet) as teacher:
-                    teacher_noise = guided_noise(teacher, *scores)
-                fake_noise = guided_noise(raw_fake_unet, *scores)
+                    teacher_noise = guided_noise(
+                        teacher, sample, timesteps, prompt_embeds, teacher_unconditional, guidance_scale,
+                        alphas_cumprod, prediction_type,
+                    )  # fmt: skip
+                fake_noise = guided_noise(
+                    raw_fake_unet, sample, timesteps, prompt_embeds, batch_null_embeds, guidance_scale,
+                    alphas_cumprod, prediction_type,
+                )  # fmt: skip
             if args.vsd_weighting == "swiftbrush":
                 gradient = vsd_gradient(teacher_noise, fake_noise, alphas_cumprod, timesteps)
             else:
@@ -590,6 +658,18 @@ def main(argv: list[str] | None = None) -> None:
                     " `load_lora_weights` on a `OneStepPipeline` of the teacher's components"
                     if args.use_lora
                     else "full fine-tuning"
+                ),
+                "nasa_training": (
+                    f"NASA-T on {100 * args.nasa_training_prob:g}% of steps: NASA alpha ~ U(0,"
+                    f" {args.nasa_training_max_scale:g}) on "
+                    + (
+                        "`" + args.negative_prompts_file + "` prompts"
+                        if args.negative_prompts_file
+                        else "a ShapesWorld colour the prompt does not name"
+                    )
+                    + ", the frozen teacher's CFG away from the same negative prompt"
+                    if args.nasa_training_prob > 0
+                    else "none (NASA is training-free at inference)"
                 ),
                 "student_timestep": str(student_timestep),
                 "nasa_scale": f"{args.nasa_scale:g}",
