@@ -21,7 +21,8 @@ BACKGROUNDS = ["black", "dark gray", "gray", "light gray"] * 2
 
 def default_settings(name: str) -> dict:
     no_overrides = type("Args", (), {"steps": None, "guidance_scale": None, "nasa_scale": None})()
-    return sampling_kwargs(no_overrides, read_fastgen_metadata(str(assets.path(name))))
+    settings = sampling_kwargs(no_overrides, read_fastgen_metadata(str(assets.path(name))))
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 @pytest.fixture(scope="module")
