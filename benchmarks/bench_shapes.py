@@ -10,6 +10,8 @@ get the negative-prompt measurement of `fastgen eval --negative` (NASA).
 
     python benchmarks/bench_shapes.py  # all embedded models, n = 1000; writes benchmarks/results/shapes.md
     python benchmarks/bench_shapes.py --n 100 --repeats 1 --out /tmp/shapes.md
+    python benchmarks/bench_shapes.py --negative \
+        --config "fixed-scale VSD one-step|runs/shapes-vsd-fixed|guidance_scale=1"  # rows added after the default ones
 
 A configuration is `label|model|key=value,...`: keys are pipeline call arguments (`num_inference_steps`,
 `guidance_scale`, `timesteps`), and `timestep_spacing`, which replaces the scheduler's. The teacher's 1-step row
@@ -39,11 +41,11 @@ from fastgen_diffusers.shapes.negative_eval import evaluate_negative_prompts, fo
 DEFAULT_CONFIGS = [
     "teacher, 25 DDIM steps, CFG 4 (default)|shapes-teacher|num_inference_steps=25,guidance_scale=4",
     "teacher, 1 DDIM step, CFG 4|shapes-teacher|num_inference_steps=1,guidance_scale=4,timestep_spacing=trailing",
+    "teacher, 1 DDIM step, no CFG|shapes-teacher|num_inference_steps=1,guidance_scale=1,timestep_spacing=trailing",
     "2-RF, 4 Euler steps|shapes-2rf|num_inference_steps=4,guidance_scale=1",
     "2-RF, 1 Euler step|shapes-2rf|num_inference_steps=1,guidance_scale=1",
     "InstaFlow one-step|shapes-instaflow|num_inference_steps=1,guidance_scale=1",
     "SNOOPI one-step (PG-SB)|shapes-snoopi|guidance_scale=1",
-    "fixed-scale VSD one-step (ablation)|shapes-vsd-fixed|guidance_scale=1",
 ]
 ONE_STEP_METHODS = ("instaflow", "snoopi")
 
@@ -99,7 +101,10 @@ def time_interleaved(pipes: list, configs: list[dict[str, Any]], batch: int, rep
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=None, help="Repeatable; default: every embedded model.")
+    parser.add_argument(
+        "--config", action="append", default=[], help="A further configuration after the default ones; repeatable."
+    )
+    parser.add_argument("--no-defaults", action="store_true", help="Measure only the --config rows.")
     parser.add_argument("--n", type=int, default=1000, help="Evaluation prompts per configuration.")
     parser.add_argument("--negative-n", type=int, default=200, help="Colour-free prompts for `--negative`.")
     parser.add_argument("--negative", action="store_true", help="Also measure NASA negative prompts (one-step).")
@@ -110,7 +115,9 @@ def main() -> None:
     if args.n < 1 or args.speed_batch < 1 or args.repeats < 1:
         parser.error("--n, --speed-batch and --repeats must be at least 1.")
 
-    configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
+    configs = [parse_config(c) for c in ([] if args.no_defaults else DEFAULT_CONFIGS) + args.config]
+    if not configs:
+        parser.error("--no-defaults needs at least one --config.")
     missing = [c["model"] for c in configs if not Path(c["model"]).exists() and c["model"] not in assets.names()]
     if missing:
         parser.error(f"--config: no model {missing}; embedded models are {assets.names()}.")
