@@ -171,6 +171,8 @@ def test_bad_flags_are_rejected(tmp_path):
         train.parse_args([*base, "--pairs_dir", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="--distill"):
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--loss", "lpips"])
+    with pytest.raises(ValueError, match="--nasa_scale"):
+        train.parse_args([*base, "--pairs_dir", str(tmp_path), "--nasa_scale", "-0.1"])
     with pytest.raises(SystemExit):  # argparse: "argument --loss: invalid choice"
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--loss", "l1"])
     assert train.parse_args([*base, "--pairs_dir", str(tmp_path), "--distill"]).num_inference_steps == 1
@@ -281,16 +283,18 @@ def test_distillation_from_two_rf_pairs(launch, two_rf, tmp_path):
     out = tmp_path / "student"
     launch("train_rectified_flow.py", "--pretrained_model_name_or_path", str(two_rf_dir), "--pairs_dir", str(pairs),
            "--output_dir", str(out), "--distill", "--loss", "pseudo_huber", "--max_train_steps", "2",
-           *TRAIN_ARGS)  # fmt: skip
+           "--nasa_scale", "0.4", *TRAIN_ARGS)  # fmt: skip
     assert json.loads((out / "fastgen.json").read_text())["default_inference"] == {
         "num_inference_steps": 1,
         "guidance_scale": 1.0,
+        "nasa_scale": 0.4,
     }
     pipe = FastPipeline.from_pretrained(out)
-    assert isinstance(pipe, InstaFlowPipeline)
+    assert isinstance(pipe, InstaFlowPipeline) and pipe.config.default_nasa_scale == 0.4
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=1).images[0].size == (32, 32)
-    assert "one-step distillation" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "one-step distillation" in card and "default scale 0.4" in card
 
 
 def test_lora_output_loads_and_changes_the_model(launch, tiny_sd_path, teacher_pairs, tmp_path):
