@@ -121,7 +121,6 @@ def main() -> None:
     missing = [c["model"] for c in configs if not Path(c["model"]).exists() and c["model"] not in assets.names()]
     if missing:
         parser.error(f"--config: no model {missing}; embedded models are {assets.names()}.")
-    torch.manual_seed(0)
     judge = ShapesJudge.from_pretrained()
     pipes = [load(c) for c in configs]
 

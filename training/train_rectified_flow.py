@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -52,7 +51,7 @@ from fastgen_diffusers.training.reflow import (
     reflow_target,
     unet_time,
 )
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
 
 logger = get_logger(__name__, log_level="INFO")
@@ -211,12 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(f"Training on the {len(pairs)} complete pairs of {pairs_config['num_pairs']}.")
 
     optimizer = torch.optim.AdamW(trainable_params, lr=args.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup",
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
     ema = EMAModel(trainable_params, decay=args.ema_decay)
     accelerator.register_for_checkpointing(ema)
 

@@ -36,7 +36,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
@@ -56,7 +55,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import tokenize
 from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
 from fastgen_diffusers.training.score_distillation import (
     classifier_free_guidance,
     dmd_gradient,
@@ -408,17 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     # AdamW without weight decay: SwiftBrush's Adam, named as the papers do.
     student_optimizer = torch.optim.AdamW(student_params.values(), lr=args.learning_rate, weight_decay=0.0)
     fake_optimizer = torch.optim.AdamW(fake_params.values(), lr=args.fake_learning_rate, weight_decay=0.0)
-    student_lr_scheduler = get_scheduler(
-        "constant_with_warmup",
-        optimizer=student_optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    student_lr_scheduler = constant_lr_scheduler(
+        student_optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps
     )
-    fake_lr_scheduler = get_scheduler(
-        "constant_with_warmup",
-        optimizer=fake_optimizer,
-        num_warmup_steps=args.lr_warmup_steps * args.fake_updates_per_step * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * args.fake_updates_per_step * accelerator.num_processes,
+    fake_lr_scheduler = constant_lr_scheduler(
+        fake_optimizer,
+        accelerator,
+        args.lr_warmup_steps * args.fake_updates_per_step,
+        args.max_train_steps * args.fake_updates_per_step,
     )
 
     prompts = load_prompts(args)
@@ -533,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
             # student steers away from a negative prompt and the frozen teacher's CFG pushes away from the same
             # prompt; the fake score keeps the null prompt (SNOOPI v3: negatives there too did worse).
             teacher_unconditional = batch_null_embeds
-            if torch.rand(()).item() < args.nasa_training_prob:
+            if args.nasa_training_prob > 0 and torch.rand(()).item() < args.nasa_training_prob:
                 negatives = draw_negative_prompts(batch["prompts"], negative_prompts)
                 with torch.no_grad():
                     teacher_unconditional = text_encoder(

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 from torch.utils.data import DataLoader
@@ -45,7 +44,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
 from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
 from fastgen_diffusers.training.snr_weighting import loss_weights
 from fastgen_diffusers.training.validation import save_image_grid
 
@@ -200,12 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     diffusion_params = list(itertools.chain(unet.parameters(), text_encoder.parameters()))
     optimizer = torch.optim.AdamW(diffusion_params, lr=args.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup",
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    lr_scheduler = constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
     ema = EMAModel(diffusion_params, decay=args.ema_decay)
     accelerator.register_for_checkpointing(ema)
 

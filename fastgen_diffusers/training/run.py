@@ -11,6 +11,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from .hub import training_command
@@ -38,6 +41,22 @@ def start_run(args: argparse.Namespace) -> Accelerator:
         with open(output_dir / "training_commands.txt", "a") as log:
             log.write(training_command() + "\n")
     return accelerator
+
+
+def constant_lr_scheduler(
+    optimizer: Optimizer, accelerator: Accelerator, warmup_updates: int, total_updates: int
+) -> LRScheduler:
+    """Diffusers' constant-with-warm-up schedule, counted in optimizer updates.
+
+    Once `accelerator.prepare`d, a scheduler steps once per process for every optimizer update, so both counts
+    are multiplied by the number of processes here.
+    """
+    return get_scheduler(
+        "constant_with_warmup",
+        optimizer=optimizer,
+        num_warmup_steps=warmup_updates * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes,
+    )
 
 
 def resumed_batches(accelerator: Accelerator, dataloader: DataLoader, batches_done: int) -> Iterator:
