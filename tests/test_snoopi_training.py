@@ -27,6 +27,7 @@ from fastgen_diffusers.training.score_distillation import (
     vsd_gradient,
     vsd_loss,
 )
+from fastgen_diffusers.training.students import load_student_checkpoint
 
 ALPHAS_CUMPROD = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
 
@@ -254,7 +255,8 @@ def test_lora_student_loads_as_lora_weights_on_the_teacher(tiny_sd_path, tmp_pat
     # NASA-T on every step.
     train(tiny_sd_path, out, 2, "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--prompts_file", str(prompts),
           "--guidance_scale_min", "3", "--guidance_scale_max", "3", "--fake_updates_per_step", "2",
-          "--vsd_weighting", "dmd2", "--nasa_training_prob", "1", "--negative_prompts_file", str(negatives))  # fmt: skip
+          "--vsd_weighting", "dmd2", "--nasa_training_prob", "1", "--negative_prompts_file", str(negatives),
+          "--ema_decay", "0")  # fmt: skip
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all("lora" in k and k.startswith("unet.") for k in lora)
     card = (out / "README.md").read_text()
@@ -268,6 +270,19 @@ def test_lora_student_loads_as_lora_weights_on_the_teacher(tiny_sd_path, tmp_pat
     with_lora = base("a red circle", latents=latents, output_type="latent").images
     torch.testing.assert_close(with_lora, merged("a red circle", latents=latents, output_type="latent").images)
     assert not torch.allclose(with_lora, before)
+
+    # With EMA decay 0 the export is the last step's raw student, which its checkpoint rebuilds.
+    from_checkpoint = load_student_checkpoint(out, "checkpoint-2")
+    assert from_checkpoint.config.student_timestep == 999
+    torch.testing.assert_close(
+        from_checkpoint("a red circle", latents=latents, output_type="latent").images, with_lora, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_load_student_checkpoint_names_what_is_missing(tmp_path):
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(ValueError, match="training_args.json"):
+        load_student_checkpoint(tmp_path, "checkpoint-1")
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,7 @@ from fastgen_diffusers.training.score_distillation import (
     vsd_gradient,
     vsd_loss,
 )
+from fastgen_diffusers.training.students import student_lora_config
 from fastgen_diffusers.training.validation import save_image_grid
 
 logger = get_logger(__name__, log_level="INFO")
@@ -364,14 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     student = UNet2DConditionModel.from_pretrained(location, subfolder="unet", dtype=student_dtype, **load)
     if args.use_lora:
         student.requires_grad_(False)
-        student.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
+        student.add_adapter(student_lora_config(args.lora_rank, args.lora_alpha))
     student.to(accelerator.device)
     cast_training_params([fake_unet, student], dtype=torch.float32)
     text_encoder.requires_grad_(False).to(accelerator.device)
