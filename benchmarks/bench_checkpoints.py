@@ -18,8 +18,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from fastgen_diffusers.shapes.evaluate import evaluate_pipeline
 from fastgen_diffusers.shapes.judge import ShapesJudge
 from fastgen_diffusers.shapes.negative_eval import OTHER_ATTRIBUTES, evaluate_negative_prompts
@@ -85,5 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()
