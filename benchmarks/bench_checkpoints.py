@@ -70,7 +70,8 @@ def main() -> None:
                 pipe, judge, num_prompts=args.negative_n, seed=args.seed, guidance_scale=1.0, nasa_scale=scale
             )
             average = negative["average"]
-            row.append(f"{100 * average['relative_reduction']:.0f}%")
+            reduction = average["relative_reduction"]  # None when no image had the negated colours to begin with
+            row.append("n/a" if reduction is None else f"{100 * reduction:.0f}%")
             row += [f"{average['adherence_drop_points'][name]:.1f}" for name in (*OTHER_ATTRIBUTES, "mean")]
             negatives[scale] = average
         lines.append("| " + " | ".join(row) + " |")
