@@ -15,8 +15,9 @@ prompts, and `fastgen eval --negative` at each `--nasa-scale` on `--negative-n` 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from report import write_report
 
 from fastgen_diffusers.shapes.evaluate import evaluate_pipeline
 from fastgen_diffusers.shapes.judge import ShapesJudge
@@ -77,10 +78,7 @@ def main() -> None:
         lines.append("| " + " | ".join(row) + " |")
         record.append({"step": step, "quality": quality, "negative": negatives})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines, record)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ start it at t = 1, from pure noise.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import write_report
 
 from fastgen_diffusers import FastPipeline, assets
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
@@ -172,10 +172,7 @@ def main() -> None:
             ]
             record.append({"label": config["label"], "negative": negative})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines, record)
 
 
 if __name__ == "__main__":
