@@ -42,10 +42,9 @@ def load_student_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> OneS
     args = json.loads(args_file.read_text())
     teacher = resolve_model_location(args["pretrained_model_name_or_path"])
     pipe = OneStepPipeline.from_pretrained(teacher, revision=args.get("revision"), variant=args.get("variant"))
-    if args.get("student_timestep") is not None:
-        pipe.register_to_config(student_timestep=args["student_timestep"])
-    else:
-        pipe.register_to_config(student_timestep=pipe.scheduler.config.num_train_timesteps - 1)
+    timestep = args["student_timestep"]  # None: the script's default, the last training timestep
+    last_timestep = pipe.scheduler.config.num_train_timesteps - 1
+    pipe.register_to_config(student_timestep=last_timestep if timestep is None else timestep)
 
     state = load_file(weights_file)
     if args["use_lora"]:
