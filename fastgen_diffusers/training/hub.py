@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 
 
 def training_command() -> str:
