@@ -1,0 +1,1 @@
+"""Networks the methods add to a Stable Diffusion pipeline (ModelMixin + ConfigMixin, safetensors)."""
