@@ -60,6 +60,7 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
+    init_noise_sigma = 1.0
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, velocity_direction: str = "noise_to_data"):
@@ -114,15 +115,52 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(grid)
         self.timesteps = torch.from_numpy(grid * self.config.num_train_timesteps).to(device, dtype=torch.float32)
         self.sigmas = torch.from_numpy(np.append(grid, 0.0)).to(device, dtype=torch.float32)
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The index of the current timestep; `None` before the first `step` after `set_timesteps`."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step's index, when a pipeline set it with `set_begin_index` (e.g. to start mid-grid)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
 
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
-        """Position of `timestep` on the grid; looked up on each step, so sampling may start anywhere on it."""
+        """Position of `timestep` on the grid."""
         matches = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device)).nonzero()
         if len(matches) == 0:
             raise ValueError(
                 f"`timestep` {timestep} is not on the grid {self.timesteps.tolist()} from `set_timesteps`."
             )
         return matches[0].item()
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet reads x_sigma as it is (no sigma-dependent input scaling on the straight path)."""
+        return sample
+
+    def sigma_for(self, timestep: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """sigma = timestep / num_train_timesteps, one value or one per sample, broadcast over `like`, in float32."""
+        sigma = torch.as_tensor(timestep, device=like.device, dtype=torch.float32) / self.config.num_train_timesteps
+        return sigma.reshape(-1, *([1] * (like.ndim - 1))) if sigma.ndim else sigma
+
+    def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The point of the straight path at `timestep`: x_sigma = (1 - sigma) sample + sigma noise, in float32.
+
+        `timestep` is in UNet time (sigma * num_train_timesteps), one value or one per sample, as in training.
+        """
+        sigma = self.sigma_for(timestep, sample)
+        return (1 - sigma) * sample.float() + sigma * noise.float()
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity a network of this config is trained to predict on the path from `noise` to `sample`."""
+        velocity = sample.float() - noise.float()
+        return velocity if self.config.velocity_direction == "noise_to_data" else -velocity
 
     def step(
         self,
@@ -147,8 +185,10 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             [`RectifiedFlowEulerSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)` as a tuple.
         """
-        index = self.index_for_timestep(timestep)
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
+        self._step_index += 1
 
         # Work with dx/dsigma ("data_to_noise"); sigma decreases, so the step (sigma_next - sigma) is negative. Upcast
         # as FlowMatchEulerDiscreteScheduler does, so half-precision latents do not lose the small updates.
