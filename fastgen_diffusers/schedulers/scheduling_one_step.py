@@ -83,9 +83,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if not 0 <= student_timestep < num_train_timesteps:
-            raise ValueError(
-                f"`student_timestep` must be in [0, {num_train_timesteps}), got {student_timestep}."
-            )
+            raise ValueError(f"`student_timestep` must be in [0, {num_train_timesteps}), got {student_timestep}.")
         # Diffusers' own beta schedules, so that every DDPM-family config gives the teacher's alphas.
         betas = DDPMScheduler(num_train_timesteps, beta_start, beta_end, beta_schedule).betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)

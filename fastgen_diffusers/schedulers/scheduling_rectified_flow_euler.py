@@ -186,7 +186,9 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
             [`RectifiedFlowEulerSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)` as a tuple.
         """
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            self._step_index = (
+                self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            )
         sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
         self._step_index += 1
 
