@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Distil a model's VAE decoder into a Diffusers `AutoencoderTiny` (TAESD-style): latent in, image out.
+
+At one step the UNet is no longer the main cost of a text-to-image call; the VAE decoder is. This script trains
+the decoder half of an `AutoencoderTiny` to reproduce the full decoder's image from the model's own latents:
+images of a dataset encoded by the model's VAE (plus a little Gaussian noise, so that generated latents, which
+never sit exactly on the encoder's outputs, are covered too). The target is the full decoder's output, not the
+dataset image: the tiny decoder copies the decoder, errors included.
+
+Latent convention (what pipelines hand it): every pipeline decodes with
+`vae.decode(latents / vae.config.scaling_factor)`. The saved decoder has `scaling_factor = 1.0`, as TAESD, and is
+trained on the *scaled* diffusion latents, so `latents / 1.0` is exactly what it was trained on and
+`pipe.vae = AutoencoderTiny.from_pretrained(...)` needs nothing else. Only the decoder is trained: the encoder of
+the saved model is a minimal untrained stub (`AutoencoderTiny` always has one); encode with the full VAE.
+
+    accelerate launch training/train_tiny_decoder.py --pretrained_model_name_or_path shapes-teacher \\
+        --dataset_name shapesworld --output_dir runs/shapes-tiny-decoder --max_train_steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastgen_diffusers.pipelines.auto import resolve_model_location
+from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
+from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training.data import images_to_tensor
+from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.validation import save_image_grid
+
+
+SHAPESWORLD = "shapesworld"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_training_args(parser)
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="The model whose VAE decoder is distilled: an embedded name, a pipeline folder or a Hub id.",
+    )
+    parser.add_argument("--vae_subfolder", default="vae", help="Subfolder of the VAE in that model ('' for none).")
+    parser.add_argument(
+        "--dataset_name",
+        default=None,
+        help=f"`{SHAPESWORLD}` (drawn on the fly) or a `datasets` image set on the Hub.",
+    )
+    parser.add_argument("--train_data_dir", default=None, help="A folder of images (loaded as `imagefolder`).")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--num_train_samples", type=int, default=200_000, help=f"Size of the `{SHAPESWORLD}` set.")
+    parser.add_argument("--resolution", type=int, default=None, help="Image side (default: the VAE's sample_size).")
+    parser.add_argument("--decoder_block_out_channels", type=int, nargs="+", default=[32, 32])
+    parser.add_argument("--num_decoder_blocks", type=int, nargs="+", default=[3, 1])
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    parser.add_argument(
+        "--latent_noise_std",
+        type=float,
+        default=0.2,
+        help="Largest std of Gaussian noise added to scaled latents (each sample draws a std in [0, this]).",
+    )
+    parser.add_argument("--num_eval_samples", type=int, default=512, help="Held-out images for the final error.")
+    parser.add_argument("--save_dtype", choices=["fp32", "fp16"], default="fp32", help="dtype of the saved model.")
+    args = parser.parse_args(argv)
+    check_common_training_args(args)
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise ValueError("Give exactly one of `--dataset_name` (a Hub image set or 'shapesworld') and `--train_data_dir`.")
+    if len(args.decoder_block_out_channels) != len(args.num_decoder_blocks):
+        raise ValueError("`--decoder_block_out_channels` and `--num_decoder_blocks` must have the same length.")
+    if len(set(args.decoder_block_out_channels)) != 1:
+        raise ValueError(
+            "`--decoder_block_out_channels` must repeat one width (Diffusers' DecoderTiny keeps the width between "
+            f"blocks), got {args.decoder_block_out_channels}."
+        )
+    if args.latent_noise_std < 0:
+        raise ValueError(f"`--latent_noise_std` must be >= 0, got {args.latent_noise_std}.")
+    return args
+
+
+def load_vae(args: argparse.Namespace) -> AutoencoderKL:
+    location = resolve_model_location(args.pretrained_model_name_or_path)
+    vae = AutoencoderKL.from_pretrained(location, subfolder=args.vae_subfolder or None, torch_dtype=torch.float32)
+    return vae.requires_grad_(False).eval()
+
+
+def make_tiny_decoder(vae: AutoencoderKL, block_out_channels: list[int], num_blocks: list[int]) -> AutoencoderTiny:
+    """An `AutoencoderTiny` whose decoder matches `vae`'s upsampling; its encoder is a minimal unused stub.
+
+    The number of decoder blocks sets the upsampling (2 ** (blocks - 1)), which must equal the full VAE's, since
+    pipelines size latents by `2 ** (len(vae.config.block_out_channels) - 1)`.
+    """
+    vae_upsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+    if 2 ** (len(block_out_channels) - 1) != vae_upsampling:
+        raise ValueError(
+            f"The VAE upsamples {vae_upsampling}x, so the tiny decoder needs {len(vae.config.block_out_channels)} "
+            f"blocks, got {len(block_out_channels)}."
+        )
+    stub_width = 8
+    return AutoencoderTiny(
+        in_channels=vae.config.in_channels,
+        out_channels=vae.config.out_channels,
+        latent_channels=vae.config.latent_channels,
+        encoder_block_out_channels=(stub_width,) * len(block_out_channels),
+        num_encoder_blocks=(1,) * len(block_out_channels),
+        decoder_block_out_channels=tuple(block_out_channels),
+        num_decoder_blocks=tuple(num_blocks),
+        scaling_factor=1.0,  # takes the scaled diffusion latents the pipelines hand over (latents / 1.0)
+    )
+
+
+def load_images(args: argparse.Namespace, split: str = "train", num_samples: int | None = None) -> datasets.Dataset:
+    """The image set whose latents the decoder learns, with an `image` column of PIL images."""
+    if args.dataset_name == SHAPESWORLD:
+        from fastgen_diffusers.shapes import build_dataset
+
+        return build_dataset(num_samples or args.num_train_samples, seed=args.seed, split=split)
+    if args.train_data_dir is not None:
+        dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+    else:
+        dataset = datasets.load_dataset(args.dataset_name, split="train")
+    if args.image_column not in dataset.column_names:
+        raise ValueError(f"`--image_column` {args.image_column!r} is not a column; columns: {dataset.column_names}.")
+    dataset = dataset.select_columns([args.image_column]).rename_column(args.image_column, "image")
+    held_out = min(args.num_eval_samples, len(dataset) // 10)  # the last images, never trained on
+    if split == "eval":
+        return dataset.select(range(len(dataset) - held_out, len(dataset))[: num_samples or held_out])
+    return dataset.select(range(len(dataset) - held_out))
+
+
+def center_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` and crop the centre square."""
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    if scale != 1:
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class PixelCollator:
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def __call__(self, rows: list[dict]) -> torch.Tensor:
+        return images_to_tensor([center_square(row["image"], self.resolution) for row in rows])
+
+
+@torch.no_grad()
+def teacher_latents_and_images(
+    vae: AutoencoderKL, pixels: torch.Tensor, noise_std: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents (the pipelines' convention) of `pixels`, perturbed by up to `noise_std`, and the full
+    decoder's images of exactly those latents, clamped to [-1, 1] as the pipelines' post-processing does."""
+    latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+    if noise_std > 0:
+        std = torch.rand(latents.shape[0], 1, 1, 1, generator=generator, device=latents.device) * noise_std
+        latents = latents + std * torch.randn(latents.shape, generator=generator, device=latents.device)
+    images = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    return latents, images
+
+
+def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
+
+
+@torch.no_grad()
+def decoder_error(vae: AutoencoderKL, tiny: AutoencoderTiny, pixels: torch.Tensor) -> dict[str, float]:
+    """Pixel error of the tiny decoder against the full decoder on the same (unperturbed) latents, in 0-255 units
+    after the pipelines' clamp, and the full decoder's own error against the images."""
+    latents, full = teacher_latents_and_images(vae, pixels, noise_std=0.0, generator=torch.Generator().manual_seed(0))
+    fast = tiny.decode(latents / tiny.config.scaling_factor).sample.float().clamp(-1, 1)
+    to_255 = 127.5
+    return {
+        "tiny_vs_full_mae": (fast - full).abs().mean().item() * to_255,
+        "tiny_vs_full_rmse": (fast - full).pow(2).mean().sqrt().item() * to_255,
+        "full_vs_image_mae": (full - pixels).abs().mean().item() * to_255,
+    }
+
+
+def hub_id_or_none(name: str) -> str | None:
+    """`name` if it is a Hub repository id (not a local folder or an embedded model), for the card's metadata."""
+    return name if name.count("/") == 1 and not Path(name).exists() else None
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = start_run(args)
+    vae = load_vae(args).to(accelerator.device)
+    resolution = args.resolution or vae.config.sample_size
+    tiny = make_tiny_decoder(vae, args.decoder_block_out_channels, args.num_decoder_blocks)
+    tiny.encoder.requires_grad_(False)
+    decoder = tiny.decoder
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.learning_rate)
+    dataset = load_images(args)
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=PixelCollator(resolution),
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+    decoder, optimizer, dataloader = accelerator.prepare(decoder, optimizer, dataloader)
+
+    global_step = 0
+    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+    batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
+    fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(accelerator.device)
+
+    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    for pixels in batches:
+        if global_step >= args.max_train_steps:
+            break
+        with accelerator.accumulate(decoder):
+            latents, target = teacher_latents_and_images(vae, pixels, args.latent_noise_std, generator)
+            with accelerator.autocast():
+                prediction = decoder(latents)
+            loss = reconstruction_loss(prediction.float(), target, args.loss)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        progress.update(1)
+        progress.set_postfix(loss=loss.item())
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        if accelerator.is_main_process and global_step % args.validation_steps == 0:
+            with torch.no_grad():
+                latents, full = teacher_latents_and_images(vae, fixed_pixels, 0.0)
+                fast = accelerator.unwrap_model(decoder)(latents)
+            save_image_grid(to_pil(torch.cat([full, fast])), output_dir / "validation" / f"step-{global_step}.png", 8)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tiny.decoder = accelerator.unwrap_model(decoder)
+        finish(args, vae, tiny.eval(), resolution)
+    accelerator.end_training()
+
+
+def finish(args: argparse.Namespace, vae: AutoencoderKL, tiny: AutoencoderTiny, resolution: int) -> None:
+    """Measure the held-out error, save the model (and its card) and push it if asked."""
+    output_dir = Path(args.output_dir)
+    device = next(vae.parameters()).device
+    tiny.to(device)
+    eval_set = load_images(args, "eval", args.num_eval_samples)
+    pixels = PixelCollator(resolution)([eval_set[i] for i in range(len(eval_set))]).to(device)
+    error = decoder_error(vae, tiny, pixels)
+    (output_dir / "decoder_error.json").write_text(json.dumps({"n": len(eval_set), **error}, indent=2))
+    print(json.dumps(error))
+    tiny.to("cpu", torch.float16 if args.save_dtype == "fp16" else torch.float32).save_pretrained(str(output_dir))
+    commands = (output_dir / "training_commands.txt").read_text().strip()
+    source = args.dataset_name or args.train_data_dir
+    save_model_card(
+        output_dir,
+        template="tiny_decoder",
+        fields={
+            "model": args.pretrained_model_name_or_path,
+            "data": source,
+            "decoder_parameters": f"{sum(p.numel() for p in tiny.decoder.parameters()):,}",
+            "full_parameters": f"{sum(p.numel() for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]):,}",
+            "steps": str(args.max_train_steps),
+            "batch_size": str(args.train_batch_size),
+            "loss": args.loss,
+            "latent_noise_std": str(args.latent_noise_std),
+            "n": str(len(eval_set)),
+            "mae": f"{error['tiny_vs_full_mae']:.2f}",
+            "rmse": f"{error['tiny_vs_full_rmse']:.2f}",
+            "full_mae": f"{error['full_vs_image_mae']:.2f}",
+            "command": commands,
+        },
+        tags=["autoencoder", "tiny-autoencoder", "taesd"],
+        base_model=hub_id_or_none(args.pretrained_model_name_or_path),
+    )
+    if args.push_to_hub:
+        push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
+
+
+if __name__ == "__main__":
+    main()
