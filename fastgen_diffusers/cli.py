@@ -47,8 +47,23 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Strength of negative prompts at guidance <= 1 (NASA's alpha; default: the model's).",
     )
+    parser.add_argument(
+        "--oms",
+        default=None,
+        help="A One More Step module (embedded name such as shapes-oms, folder or Hub id) to run in front of the model.",
+    )
+    parser.add_argument("--oms-prompt", default=None, help="What the OMS module reads instead of the prompt (needs --oms).")
+    parser.add_argument(
+        "--oms-guidance-scale", type=_non_negative_float, default=None, help="CFG on the OMS module (needs --oms)."
+    )
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument(
+        "--decoder",
+        default=None,
+        help="An AutoencoderTiny (embedded name, folder or Hub id) to decode with instead of the model's VAE,"
+        " e.g. shapes-tiny-decoder.",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,16 +92,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_pipeline(model: str, parser: argparse.ArgumentParser):
+def load_decoder(decoder: str, parser: argparse.ArgumentParser):
+    """The `AutoencoderTiny` named by `--decoder`, which takes the VAE's place (the standard Diffusers swap)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    location = resolve_model_location(decoder)
+    if not Path(location).exists() and location.count("/") != 1:
+        parser.error(f"--decoder {decoder!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+    try:
+        return AutoencoderTiny.from_pretrained(location, torch_dtype=torch.float32)  # shipped fp16; the CPU wants fp32
+    except (ValueError, OSError) as error:
+        parser.error(f"--decoder {decoder!r} could not be loaded as an AutoencoderTiny: {error}")
+
+
+def load_pipeline(model: str, parser: argparse.ArgumentParser, decoder: str | None = None):
     location = resolve_model_location(model)
     if not Path(location).exists() and location.count("/") != 1:
         parser.error(f"--model {model!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+    components = {"vae": load_decoder(decoder, parser)} if decoder is not None else {}
     try:
-        pipe = FastPipeline.from_pretrained(location)
+        pipe = FastPipeline.from_pretrained(location, **components)
     except (ValueError, OSError) as error:
         parser.error(f"--model {model!r} could not be loaded: {error}")
     pipe.set_progress_bar_config(disable=True)
     return pipe, read_fastgen_metadata(location)
+
+
+def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """`pipe` itself, or with `--oms` an `OMSPipeline` running that module in front of it."""
+    if args.oms is None:
+        if args.oms_prompt is not None or args.oms_guidance_scale is not None:
+            parser.error("--oms-prompt and --oms-guidance-scale need --oms.")
+        return pipe
+    from .pipelines.oms import OMSPipeline
+
+    location = resolve_model_location(args.oms)
+    if not Path(location).exists() and location.count("/") != 1:
+        parser.error(f"--oms {args.oms!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+    try:
+        oms_pipe = OMSPipeline.from_pretrained(location, base_pipeline=pipe)
+    except (ValueError, TypeError, OSError) as error:
+        parser.error(f"--oms {args.oms!r} cannot run in front of --model {args.model!r}: {error}")
+    oms_pipe.set_progress_bar_config(disable=True)
+    return oms_pipe
+
+
+def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"oms_prompt": args.oms_prompt, "oms_guidance_scale": args.oms_guidance_scale} if args.oms else {}
 
 
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -105,12 +158,16 @@ CALL_ARGUMENT_FLAGS = {
     "guidance_scale": "--guidance-scale",
     "nasa_scale": "--nasa-scale",
     "negative_prompt": "--negative-prompt",
+    "oms_prompt": "--oms-prompt",
+    "oms_guidance_scale": "--oms-guidance-scale",
 }
 
 
 def check_call_arguments(pipe, settings: dict[str, Any], parser: argparse.ArgumentParser) -> None:
     """Stop with an error naming the flag when the pipeline's call does not take a setting that is given."""
-    accepted = inspect.signature(pipe.__call__).parameters
+    accepted = dict(inspect.signature(pipe.__call__).parameters)
+    if getattr(pipe, "base_pipeline", None) is not None:  # an OMSPipeline hands the rest to its base
+        accepted.update(inspect.signature(pipe.base_pipeline.__call__).parameters)
     for name, value in settings.items():
         if value is not None and name not in accepted:
             parser.error(f"{CALL_ARGUMENT_FLAGS[name]}: {type(pipe).__name__} takes no `{name}`.")
@@ -133,8 +190,9 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {str(args.out)!r} is a file; give a folder.")
 
-    pipe, metadata = load_pipeline(args.model, parser)
-    settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt}
+    pipe, metadata = load_pipeline(args.model, parser, args.decoder)
+    pipe = attach_oms(pipe, args, parser)
+    settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt, **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
     expanded = [prompt for prompt in prompts for _ in range(args.num_images)]
     images = generate_images(pipe, expanded, seed=args.seed, batch_size=args.batch_size, **settings)
@@ -176,8 +234,9 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .shapes.evaluate import evaluate_pipeline
     from .shapes.judge import ShapesJudge
 
-    pipe, metadata = load_pipeline(args.model, parser)
-    settings = sampling_kwargs(args, metadata)
+    pipe, metadata = load_pipeline(args.model, parser, args.decoder)
+    pipe = attach_oms(pipe, args, parser)
+    settings = {**sampling_kwargs(args, metadata), **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
     judge = ShapesJudge.from_pretrained()
     if args.negative:
