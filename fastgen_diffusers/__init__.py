@@ -2,6 +2,8 @@
 
 from .attention import NAGAttnProcessor, NASAAttnProcessor, negative_attention
 from .pipelines import FastPipeline, InstaFlowPipeline, OneStepPipeline
+from .pipelines.oms import OMSPipeline
+from .models import OMSModel
 from .schedulers import RectifiedFlowEulerScheduler
 
 

@@ -22,9 +22,11 @@ from .. import assets
 
 # `_class_name` in model_index.json -> "module:Class" of the pipeline that loads it.
 PIPELINE_CLASSES: dict[str, str] = {
+    "FastDiffusionPipeline": "fastgen_diffusers.pipelines.core:FastDiffusionPipeline",
     "InstaFlowPipeline": "fastgen_diffusers.pipelines.instaflow:InstaFlowPipeline",
     "RectifiedFlowPipeline": "fastgen_diffusers.pipelines.instaflow:InstaFlowPipeline",
     "OneStepPipeline": "fastgen_diffusers.pipelines.one_step:OneStepPipeline",
+    "OMSPipeline": "fastgen_diffusers.pipelines.oms:OMSPipeline",
 }
 
 
@@ -82,11 +84,21 @@ class FastPipeline:
         return pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, oms: str | os.PathLike | None = None, **kwargs
+    ) -> DiffusionPipeline:
+        """The checkpoint's pipeline; with `oms` (a One More Step module: embedded name, folder or Hub id), an
+        `OMSPipeline` that runs the module in front of it."""
         location = resolve_model_location(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         pipeline_class = pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
-        return pipeline_class.from_pretrained(location, **kwargs)
+        pipe = pipeline_class.from_pretrained(location, **kwargs)
+        if oms is None:
+            return pipe
+        from .oms import OMSPipeline
+
+        oms_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "token", "cache_dir") if k in kwargs}
+        return OMSPipeline.from_pretrained(resolve_model_location(oms), base_pipeline=pipe, **oms_kwargs)
 
 
 FASTGEN_METADATA_FILE = "fastgen.json"
