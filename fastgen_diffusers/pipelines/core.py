@@ -416,7 +416,8 @@ class FastDiffusionPipeline(
         # 0. Default height, width and steps
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        num_inference_steps = num_inference_steps or self.default_num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
 
         # 1. Check inputs. Raise error if not correct
         self.check_inputs(

@@ -190,6 +190,10 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         """
         if self._step_index is None:
             self._init_step_index(timestep)
+        if self._step_index >= self.num_inference_steps:
+            raise ValueError(
+                f"`step` was called past the end of the {self.num_inference_steps}-step grid; call `set_timesteps` first."
+            )
         pred_original_sample = self.predict_original_sample(model_output, timestep, sample)
         prev_sample = pred_original_sample
         if self._step_index + 1 < len(self.timesteps):

@@ -189,6 +189,10 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = (
                 self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
             )
+        if self._step_index >= self.num_inference_steps:
+            raise ValueError(
+                f"`step` was called past the end of the {self.num_inference_steps}-step grid; call `set_timesteps` first."
+            )
         sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
         self._step_index += 1
 
