@@ -1,20 +1,20 @@
 """InstaFlow training: the reflow maths, the pairs store, and the two scripts end to end under `accelerate launch`."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from test_training_scripts import accelerate_launch, script_module
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline, RectifiedFlowEulerScheduler
 from fastgen_diffusers.training.checkpointing import list_checkpoints
 from fastgen_diffusers.training.reflow import (
+    PAIRS_CONFIG_FILE,
+    check_pairs_config,
     complete_shards,
     default_huber_c,
     l2_loss,
@@ -23,49 +23,23 @@ from fastgen_diffusers.training.reflow import (
     load_pairs,
     one_step_sample,
     pseudo_huber_loss,
-    reflow_interpolation,
-    reflow_target,
     shard_indices,
     shard_path,
-    unet_time,
     write_pair_shard,
 )
 
-
-REPO = Path(__file__).resolve().parents[1]
 PAIRS_ARGS = ["--num_pairs", "10", "--shard_size", "4", "--batch_size", "3", "--num_inference_steps", "2",
-              "--guidance_scale", "2.0"]  # fmt: skip
+              "--guidance_scale", "2.0", "--shapesworld_prompts", "10"]  # fmt: skip
 TRAIN_ARGS = ["--train_batch_size", "2", "--validation_steps", "100", "--num_validation_images", "2"]
-
-
-def script_module(name: str):
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    """Run a training script under `accelerate launch` (CPU, one thread a process), with a private datasets cache."""
+    """`accelerate_launch` with a private datasets cache for this module's runs."""
     cache = tmp_path_factory.mktemp("datasets-cache")
 
-    def run(script: str, *args: str, num_processes: int = 1) -> subprocess.CompletedProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "HF_DATASETS_CACHE": str(cache)}  # fmt: skip
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
-                   "no", "--dynamo_backend", "no"]  # fmt: skip
-        if num_processes > 1:
-            env["ACCELERATE_USE_CPU"] = "1"
-            command += ["--multi_gpu", "--num_processes", str(num_processes)]
-        else:
-            command += ["--cpu", "--num_processes", "1"]
-        result = subprocess.run(
-            [*command, str(REPO / "training" / script), *args], env=env, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
+    def run(script: str, *args: str, num_processes: int = 1):
+        return accelerate_launch(script, *args, num_processes=num_processes, env={"HF_DATASETS_CACHE": str(cache)})
 
     return run
 
@@ -77,17 +51,21 @@ def read_pairs(pairs_dir: Path, cache_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- the maths
 
 
-def test_interpolation_endpoints_and_target():
+def test_straight_path_endpoints_and_target():
+    """The scheduler's path and target velocity, in InstaFlow's flow time tau = 1 - timestep / 1000."""
+    scheduler = RectifiedFlowEulerScheduler()
     x0, x1 = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    torch.testing.assert_close(reflow_interpolation(x0, x1, torch.zeros(3)), x0)
-    torch.testing.assert_close(reflow_interpolation(x0, x1, torch.ones(3)), x1)
+    torch.testing.assert_close(scheduler.scale_noise(x1, torch.full((3,), 1000.0), x0), x0)
+    torch.testing.assert_close(scheduler.scale_noise(x1, torch.zeros(3), x0), x1)
     tau = torch.tensor([0.0, 0.25, 1.0])
-    midway = reflow_interpolation(x0, x1, tau)
+    midway = scheduler.scale_noise(x1, (1 - tau) * 1000, x0)
     torch.testing.assert_close(midway[1], 0.25 * x1[1] + 0.75 * x0[1])
     # The target is the path's constant velocity: one Euler step over the rest of the path lands on x1.
-    torch.testing.assert_close(midway + (1 - tau).reshape(-1, 1, 1, 1) * reflow_target(x0, x1), x1)
-    torch.testing.assert_close(one_step_sample(x0, reflow_target(x0, x1)), x1)
-    torch.testing.assert_close(unet_time(torch.tensor([0.0, 0.25, 1.0])), torch.tensor([1000.0, 750.0, 0.0]))
+    target = scheduler.get_velocity(x1, x0)
+    torch.testing.assert_close(midway + (1 - tau).reshape(-1, 1, 1, 1) * target, x1)
+    torch.testing.assert_close(one_step_sample(x0, target), x1)
+    reversed_direction = RectifiedFlowEulerScheduler(velocity_direction="data_to_noise")
+    torch.testing.assert_close(reversed_direction.get_velocity(x1, x0), -target)
 
 
 @pytest.mark.parametrize("num_inference_steps", [1, 4])
@@ -100,12 +78,12 @@ def test_time_convention_matches_instaflow_pipeline(tiny_sd_components, monkeypa
     times = []
 
     def perfect_unet(sample, timestep, *args, **kwargs):
-        # The training distribution: at UNet time unet_time(tau) the input is x_tau and the answer x1 - x0.
-        tau = 1 - timestep / 1000
-        assert torch.allclose(unet_time(tau), timestep)
-        torch.testing.assert_close(sample, reflow_interpolation(x0, x1, tau), atol=1e-5, rtol=1e-5)
-        times.extend(timestep.tolist())
-        return (reflow_target(x0, x1),)
+        # The training distribution: at a UNet time the input is the scheduler's point of the path, the answer its
+        # velocity.
+        timesteps = timestep.expand(sample.shape[0])
+        torch.testing.assert_close(sample, pipe.scheduler.scale_noise(x1, timesteps, x0), atol=1e-5, rtol=1e-5)
+        times.extend(timesteps.tolist())
+        return (pipe.scheduler.get_velocity(x1, x0),)
 
     monkeypatch.setattr(pipe.unet, "forward", perfect_unet)
     latents = pipe("a red circle", latents=x0, num_inference_steps=num_inference_steps, output_type="latent").images
@@ -181,12 +159,14 @@ def test_bad_flags_are_rejected(tmp_path):
     generate = script_module("generate_reflow_pairs")
     base = ["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", "x"]
     with pytest.raises(ValueError, match="--shard_size"):
-        generate.parse_args([*base, "--num_pairs", "4", "--shard_size", "0"])
+        generate.parse_args([*base, "--num_pairs", "4", "--shard_size", "0", "--shapesworld_prompts", "4"])
     with pytest.raises(ValueError, match="--prompts_file"):
         generate.parse_args([*base, "--num_pairs", "4", "--prompts_file", str(tmp_path / "none.txt")])
-    (tmp_path / generate.PAIRS_CONFIG_FILE).write_text(json.dumps({"seed": 0, "num_pairs": 4}))
+    with pytest.raises(ValueError, match="exactly one of `--prompts_file`"):  # no default source
+        generate.parse_args([*base, "--num_pairs", "4"])
+    (tmp_path / PAIRS_CONFIG_FILE).write_text(json.dumps({"seed": 0, "num_pairs": 4}))
     with pytest.raises(ValueError, match="other settings"):
-        generate.check_pairs_config(tmp_path, {"seed": 1, "num_pairs": 4})
+        check_pairs_config(tmp_path, {"seed": 1, "num_pairs": 4})
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -277,20 +257,19 @@ def test_distillation_from_two_rf_pairs(launch, two_rf, tmp_path):
     two_rf_dir = two_rf[0]
     pairs = tmp_path / "two-rf-pairs"  # the 2-RF model as the teacher, at its saved default sampler
     launch("generate_reflow_pairs.py", "--pretrained_model_name_or_path", str(two_rf_dir), "--output_dir", str(pairs),
-           "--num_pairs", "4", "--shard_size", "4")  # fmt: skip
+           "--num_pairs", "4", "--shard_size", "4", "--shapesworld_prompts", "4")  # fmt: skip
     assert json.loads((pairs / "reflow_pairs.json").read_text())["pipeline"] == "InstaFlowPipeline"
 
     out = tmp_path / "student"
     launch("train_rectified_flow.py", "--pretrained_model_name_or_path", str(two_rf_dir), "--pairs_dir", str(pairs),
            "--output_dir", str(out), "--distill", "--loss", "pseudo_huber", "--max_train_steps", "2",
            "--nasa_scale", "0.4", *TRAIN_ARGS)  # fmt: skip
-    assert json.loads((out / "fastgen.json").read_text())["default_inference"] == {
-        "num_inference_steps": 1,
-        "guidance_scale": 1.0,
-        "nasa_scale": 0.4,
+    assert json.loads((out / "fastgen.json").read_text()) == {
+        "method": "instaflow",
+        "default_inference": {"num_inference_steps": 1, "guidance_scale": 1.0},
     }
     pipe = FastPipeline.from_pretrained(out)
-    assert isinstance(pipe, InstaFlowPipeline) and pipe.config.default_nasa_scale == 0.4
+    assert isinstance(pipe, InstaFlowPipeline) and pipe.config.negative_attention == {"method": "nasa", "scale": 0.4}
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=1).images[0].size == (32, 32)
     card = (out / "README.md").read_text()

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from safetensors.torch import load_file
-from test_training_scripts import REPO, accelerate_launch
+from test_training_scripts import accelerate_launch, script_module
 
 from fastgen_diffusers import FastPipeline, OneStepPipeline
+from fastgen_diffusers.schedulers import OneStepScheduler
+from fastgen_diffusers.shapes.captions import COLOURS
 from fastgen_diffusers.training.checkpointing import list_checkpoints
+from fastgen_diffusers.training.prompts import draw_negative_prompts, load_prompts
 from fastgen_diffusers.training.score_distillation import (
     classifier_free_guidance,
     dmd_gradient,
     fake_score_loss,
-    noisy_sample,
-    one_step_prediction,
     predicted_noise,
     sample_guidance_scales,
     sample_timesteps,
@@ -29,7 +28,13 @@ from fastgen_diffusers.training.score_distillation import (
 )
 from fastgen_diffusers.training.students import load_student_checkpoint
 
-ALPHAS_CUMPROD = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+SCHEDULER = OneStepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's schedule
+ALPHAS_CUMPROD = SCHEDULER.alphas_cumprod
+
+
+def noisy_sample(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x_t as training makes it: the student's scheduler, one timestep per sample."""
+    return SCHEDULER.add_noise(x0, noise, timesteps)
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -74,7 +79,7 @@ def test_student_x0_at_the_last_timestep_by_hand():
     noise, model_output = randn(2, 4, 8, 8), randn(2, 4, 8, 8, seed=1)
     a = ALPHAS_CUMPROD[999].double()
     assert a.item() == pytest.approx(0.0047, abs=1e-4)  # SwiftBrush's hard-coded value, read from the schedule
-    x0 = one_step_prediction(model_output.half(), noise.half(), ALPHAS_CUMPROD, 999, "epsilon")
+    x0 = SCHEDULER.predict_original_sample(model_output.half(), 999, noise.half())
     assert x0.dtype == torch.float32
     expected = (noise.half().double() - (1 - a).sqrt() * model_output.half().double()) / a.sqrt()
     torch.testing.assert_close(x0.double(), expected, rtol=1e-5, atol=1e-5)
@@ -83,7 +88,7 @@ def test_student_x0_at_the_last_timestep_by_hand():
 def test_noisy_sample_uses_one_timestep_per_sample_in_float32():
     x0, noise = randn(2, 4, 8, 8).bfloat16(), randn(2, 4, 8, 8, seed=1)
     timesteps = torch.tensor([3, 900])
-    noisy = noisy_sample(x0, noise, ALPHAS_CUMPROD, timesteps)
+    noisy = noisy_sample(x0, noise, timesteps)
     assert noisy.dtype == torch.float32
     for i, t in enumerate(timesteps):
         a = ALPHAS_CUMPROD[t]
@@ -95,7 +100,7 @@ def test_predicted_noise_recovers_the_noise(prediction_type):
     x0, noise = randn(3, 4, 8, 8), randn(3, 4, 8, 8, seed=1)
     timesteps = torch.tensor([10, 500, 990])
     a = ALPHAS_CUMPROD[timesteps].reshape(-1, 1, 1, 1)
-    sample = noisy_sample(x0, noise, ALPHAS_CUMPROD, timesteps)
+    sample = noisy_sample(x0, noise, timesteps)
     model_output = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0, "sample": x0}
     recovered = predicted_noise(model_output[prediction_type], sample, a, prediction_type)
     torch.testing.assert_close(recovered, noise, rtol=1e-3, atol=1e-3)
@@ -131,7 +136,7 @@ def test_vsd_gradient_is_the_sigma_squared_weighted_noise_difference():
 def test_dmd2_gradient_is_the_normalised_x0_difference_in_the_same_direction():
     teacher, fake, student_x0 = randn(2, 4, 8, 8), randn(2, 4, 8, 8, seed=1), randn(2, 4, 8, 8, seed=2)
     timesteps = torch.tensor([50, 950])
-    sample = noisy_sample(student_x0, randn(2, 4, 8, 8, seed=3), ALPHAS_CUMPROD, timesteps)
+    sample = noisy_sample(student_x0, randn(2, 4, 8, 8, seed=3), timesteps)
     gradient = dmd_gradient(teacher, fake, student_x0.requires_grad_(True), sample, ALPHAS_CUMPROD, timesteps)
     assert not gradient.requires_grad
     swiftbrush = vsd_gradient(teacher, fake, ALPHAS_CUMPROD, timesteps)
@@ -169,7 +174,7 @@ def test_fake_score_loss_by_hand():
     assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-5)
     # A perfect v-prediction denoiser has zero loss: the target is epsilon read back from v.
     x0 = randn(2, 4, 8, 8, seed=3)
-    x_t = noisy_sample(x0, noise, ALPHAS_CUMPROD, timesteps)
+    x_t = noisy_sample(x0, noise, timesteps)
     a = ALPHAS_CUMPROD[timesteps].reshape(-1, 1, 1, 1)
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
     assert fake_score_loss(v, noise, x_t, ALPHAS_CUMPROD, timesteps, "v_prediction").item() < 1e-10
@@ -179,15 +184,11 @@ def test_fake_score_loss_by_hand():
 
 
 def import_train_snoopi():
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_snoopi
-    finally:
-        sys.path.pop(0)
-    return train_snoopi
+    return script_module("train_snoopi")
 
 
-MICRO_ARGS = ["--train_batch_size", "2", "--num_train_prompts", "32", "--fake_lora_rank", "4", "--fake_lora_alpha", "4",
+SHAPESWORLD_PROMPTS = ["--shapesworld_prompts", "32", "--shapesworld_partial_caption_prob", "0.3"]
+MICRO_ARGS = ["--train_batch_size", "2", "--fake_lora_rank", "4", "--fake_lora_alpha", "4",
               "--learning_rate", "1e-3", "--ema_decay", "0.9", "--checkpointing_steps", "2", "--validation_steps", "2",
               "--num_validation_images", "2"]  # fmt: skip
 
@@ -205,13 +206,15 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_two_processes_resume_exactly_and_export_a_one_step_pipeline(tiny_sd_path, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_sd_path, straight, 3, num_processes=2)
+    train(tiny_sd_path, straight, 3, *SHAPESWORLD_PROMPTS, num_processes=2)
     assert [p.name for p in list_checkpoints(straight)] == ["checkpoint-2", "checkpoint-3"]
     # A run killed after step 2 left its first command and checkpoint-2; resuming it must give the same run.
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copy(straight / "training_commands.txt", resumed)
-    result = train(tiny_sd_path, resumed, 3, "--resume_from_checkpoint", "latest", num_processes=2)
+    result = train(
+        tiny_sd_path, resumed, 3, *SHAPESWORLD_PROMPTS, "--resume_from_checkpoint", "latest", num_processes=2
+    )
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(resumed.glob("*.partial"))
@@ -231,15 +234,13 @@ def test_two_processes_resume_exactly_and_export_a_one_step_pipeline(tiny_sd_pat
 
     pipe = FastPipeline.from_pretrained(resumed)
     assert isinstance(pipe, OneStepPipeline)
-    assert pipe.config.student_timestep == 999 and pipe.config.default_nasa_scale == pytest.approx(0.1)
+    assert pipe.scheduler.config.student_timestep == 999
+    assert pipe.config.negative_attention == {"method": "nasa", "scale": pytest.approx(0.1)}
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", negative_prompt="a blue square", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     metadata = json.loads((resumed / "fastgen.json").read_text())
-    assert metadata == {
-        "method": "snoopi",
-        "default_inference": {"timesteps": [999], "guidance_scale": 1.0, "nasa_scale": 0.1},
-    }
+    assert metadata == {"method": "snoopi", "default_inference": {"num_inference_steps": 1, "guidance_scale": 1.0}}
     card = (resumed / "README.md").read_text()
     assert card.count("train_snoopi.py") == 2 and "--resume_from_checkpoint latest" in card  # both commands
     assert "U(0.5, 4)" in card
@@ -273,7 +274,7 @@ def test_lora_student_loads_as_lora_weights_on_the_teacher(tiny_sd_path, tmp_pat
 
     # With EMA decay 0 the export is the last step's raw student, which its checkpoint rebuilds.
     from_checkpoint = load_student_checkpoint(out, "checkpoint-2")
-    assert from_checkpoint.config.student_timestep == 999
+    assert from_checkpoint.scheduler.config.student_timestep == 999
     torch.testing.assert_close(
         from_checkpoint("a red circle", latents=latents, output_type="latent").images, with_lora, atol=1e-4, rtol=1e-4
     )
@@ -290,14 +291,15 @@ def test_load_student_checkpoint_names_what_is_missing(tmp_path):
     [
         (["--guidance_scale_min", "4", "--guidance_scale_max", "1"], "--guidance_scale_min"),
         (["--min_timestep_ratio", "0.9", "--max_timestep_ratio", "0.1"], "--min_timestep_ratio"),
-        (["--prompts_file", "missing.txt"], "--prompts_file"),
-        (["--prompts_file", "p.txt", "--dataset_name", "d"], "--dataset_name"),
         (["--fake_learning_rate", "0"], "--fake_learning_rate"),
         (["--fake_prompt_dropout", "1.5"], "--fake_prompt_dropout"),
         (["--nasa_training_prob", "2"], "--nasa_training_prob"),
         (["--nasa_training_max_scale", "-1"], "--nasa_training_max_scale"),
         (["--negative_prompts_file", "missing.txt"], "--negative_prompts_file"),
+        (["--nasa_training_prob", "0.5"], "--negative_prompts_file"),  # no default negatives
+        (["--negative_prompts_file", "p.txt", "--shapesworld_negative_colours"], "--shapesworld_negative_colours"),
         (["--gradient_accumulation_steps", "2", "--fake_updates_per_step", "2"], "--gradient_accumulation_steps"),
+        (["--shapesworld_partial_caption_prob", "2"], "--shapesworld_partial_caption_prob"),
     ],
 )
 def test_bad_flags_are_rejected_by_name(flags, message, tmp_path, monkeypatch):
@@ -306,39 +308,61 @@ def test_bad_flags_are_rejected_by_name(flags, message, tmp_path, monkeypatch):
     train_snoopi = import_train_snoopi()
     with pytest.raises(ValueError, match=message):
         train_snoopi.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "o", "--max_train_steps", "1",
-                                 *flags])  # fmt: skip
+                                 "--shapesworld_prompts", "4", *flags])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        [],
+        ["--prompts_file", "p.txt", "--dataset_name", "d"],
+        ["--prompts_file", "p.txt", "--shapesworld_prompts", "4"],
+    ],
+)
+def test_exactly_one_prompt_source(sources, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    train_snoopi = import_train_snoopi()
+    with pytest.raises(
+        ValueError, match="exactly one of `--prompts_file`, `--dataset_name` or `--shapesworld_prompts`"
+    ):
+        train_snoopi.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "o", "--max_train_steps", "1",
+                                 *sources])  # fmt: skip
+    with pytest.raises(ValueError, match="--prompts_file"):
+        train_snoopi.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "o", "--max_train_steps", "1",
+                                 "--prompts_file", "missing.txt"])  # fmt: skip
 
 
 def test_nasa_t_negatives_never_name_a_colour_the_prompt_asks_for():
-    train_snoopi = import_train_snoopi()
     prompts = ["a large red circle at the top", "a square", "a small blue cross"] * 20
-    drawn = train_snoopi.draw_negative_prompts(prompts, None)
+    drawn = draw_negative_prompts(prompts, list(COLOURS))
     assert all(f" {n} " not in f" {p} " for p, n in zip(prompts, drawn))
     assert len({n for p, n in zip(prompts, drawn) if p == "a square"}) >= 3  # drawn at random, not fixed
-    assert set(train_snoopi.draw_negative_prompts(prompts, ["blurry"])) == {"blurry"}
+    assert set(draw_negative_prompts(prompts, ["blurry"])) == {"blurry"}
+    assert draw_negative_prompts(["a red circle"], ["red"]) == ["red"]  # every negative named: any of them
 
 
 def test_prompts_come_from_captions_only(tmp_path):
     train_snoopi = import_train_snoopi()
     base = ["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path), "--max_train_steps", "1"]
 
-    shapes = train_snoopi.load_prompts(train_snoopi.parse_args([*base, "--num_train_prompts", "40"]))
+    shapes = load_prompts(train_snoopi.parse_args([*base, "--shapesworld_prompts", "40"]))
     assert len(shapes) == 40 and all(isinstance(p, str) for p in shapes)  # ShapesWorld captions, no images drawn
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "n": i}) + "\n" for i in range(3)))
     args = train_snoopi.parse_args([*base, "--dataset_name", str(data), "--caption_column", "prompt"])
-    assert train_snoopi.load_prompts(args) == ["p0", "p1", "p2"]
+    assert load_prompts(args) == ["p0", "p1", "p2"]
     args = train_snoopi.parse_args([*base, "--dataset_name", str(data), "--caption_column", "text"])
     with pytest.raises(ValueError, match="--caption_column"):
-        train_snoopi.load_prompts(args)
+        load_prompts(args)
 
 
 def test_teacher_must_be_a_pipeline_folder(tmp_path):
     train_snoopi = import_train_snoopi()
     args = train_snoopi.parse_args(["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", "o",
-                                    "--max_train_steps", "1"])  # fmt: skip
+                                    "--max_train_steps", "1", "--shapesworld_prompts", "4"])  # fmt: skip
     with pytest.raises(ValueError, match="pretrained_model_name_or_path"):
         train_snoopi.check_teacher(str(tmp_path), args)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": ["diffusers", "UNet"]}))

@@ -14,12 +14,14 @@ from safetensors.torch import load_file
 from fastgen_diffusers import FastPipeline
 from fastgen_diffusers.training.checkpointing import list_checkpoints, resolve_resume_path
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def accelerate_launch(script: str, *args: str, num_processes: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def accelerate_launch(
+    script: str, *args: str, num_processes: int = 1, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `training/{script}` under `accelerate launch` on the CPU, one thread a process, offline."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]  # fmt: skip
     if num_processes > 1:
@@ -32,6 +34,15 @@ def accelerate_launch(script: str, *args: str, num_processes: int = 1) -> subpro
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def script_module(name: str):
+    """A training script imported as a module, for its `parse_args` and helpers."""
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
 
 
 TEACHER_ARGS = ["--scale", "micro", "--num_train_samples", "64", "--train_batch_size", "4", "--vae_train_steps", "2",
@@ -84,8 +95,8 @@ def test_train_teacher_two_processes(tmp_path):
 
 def test_train_judge_runs(tmp_path):
     out = tmp_path / "judge"
-    accelerate_launch("train_judge.py", "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
-                      "--num_train_samples", "64", "--num_eval_samples", "20", "--checkpointing_steps", "1")  # fmt: skip
+    accelerate_launch("train_judge.py", "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size",
+                      "8", "--num_train_samples", "64", "--num_eval_samples", "20", "--checkpointing_steps", "1")  # fmt: skip
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert set(accuracy) == {"size", "colour", "shape", "position", "background"}
     assert accuracy["background"] == 1.0  # analytic read-outs need no training
@@ -101,11 +112,7 @@ def test_resume_path_errors(tmp_path):
 
 
 def test_bad_training_flags_are_rejected(tmp_path):
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_teacher
-    finally:
-        sys.path.pop(0)
+    train_teacher = script_module("train_teacher")
     with pytest.raises(ValueError, match="--max_train_steps"):
         train_teacher.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "0"])
     with pytest.raises(ValueError, match="--vae_train_steps"):
@@ -113,11 +120,7 @@ def test_bad_training_flags_are_rejected(tmp_path):
 
 
 def test_high_noise_timesteps():
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_teacher
-    finally:
-        sys.path.pop(0)
+    train_teacher = script_module("train_teacher")
     torch.manual_seed(0)
     assert train_teacher.sample_timesteps(4000, 1000, 1.0, 600).min() >= 600
     uniform = train_teacher.sample_timesteps(4000, 1000, 0.0, 600)

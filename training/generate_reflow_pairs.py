@@ -5,11 +5,11 @@ The teacher is any checkpoint `FastPipeline` loads: a Stable Diffusion pipeline 
 embedded ShapesWorld model, or a trained 2-Rectified Flow folder (pairs for one-step distillation). Sample i starts
 from noise drawn by a generator seeded with (seed, i), and shards of `--shard_size` consecutive samples are dealt
 round-robin to the processes, so the pairs are the same whatever the number of processes; complete shards are
-skipped, so an interrupted run resumes shard by shard.
+skipped, so an interrupted run resumes shard by shard. Prompts are cycled over the pairs.
 
     accelerate launch training/generate_reflow_pairs.py --pretrained_model_name_or_path shapes-teacher \\
-        --output_dir runs/pairs-teacher --num_pairs 100000 --num_inference_steps 25 --guidance_scale 4 \\
-        --scheduler ddim
+        --output_dir runs/pairs-teacher --num_pairs 100000 --shapesworld_prompts 100000 \\
+        --num_inference_steps 25 --guidance_scale 4 --scheduler ddim
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import logging
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
@@ -30,26 +29,27 @@ from tqdm.auto import tqdm
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
-from fastgen_diffusers.shapes import build_dataset
-from fastgen_diffusers.shapes.evaluate import image_generator
-from fastgen_diffusers.training.reflow import complete_shards, num_shards, shard_indices, write_pair_shard
-
+from fastgen_diffusers.training import arguments, run
+from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
+from fastgen_diffusers.training.reflow import (
+    PAIRS_CONFIG_FILE,
+    check_pairs_config,
+    complete_shards,
+    num_shards,
+    shard_indices,
+    write_pair_shard,
+)
+from fastgen_diffusers.utils.seeding import image_generator
 
 logger = get_logger(__name__, log_level="INFO")
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PAIRS_CONFIG_FILE = "reflow_pairs.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("teacher")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="The teacher: a pipeline folder, a Hub id or an embedded model name (e.g. `shapes-teacher`).",
+    group = arguments.add_pretrained_model_arg(
+        parser, "The teacher: a pipeline folder, a Hub id or an embedded model name (e.g. `shapes-teacher`)."
     )
     group.add_argument(
         "--num_inference_steps",
@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Replace a diffusion teacher's sampler (default: the teacher's own).",
     )
     group.add_argument("--resolution", type=int, default=None, help="Image size (default: the UNet's native one).")
-    group.add_argument("--mixed_precision", type=str, default="no", choices=sorted(DTYPES), help="Teacher weights.")
+    group.add_argument(
+        "--mixed_precision", type=str, default="no", choices=sorted(run.DTYPES), help="Teacher weights."
+    )
 
     group = parser.add_argument_group("pairs")
     group.add_argument("--output_dir", type=str, required=True, help="Where the shards go.")
@@ -76,85 +78,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--shard_size", type=int, default=1000, help="Pairs per shard: the unit of resumption.")
     group.add_argument("--batch_size", type=int, default=32, help="Teacher batch size per process.")
     group.add_argument("--seed", type=int, default=0, help="Sample i's noise comes from a generator seeded (seed, i).")
-
-    group = parser.add_argument_group("prompts (default: ShapesWorld training captions)")
-    group.add_argument("--prompts_file", type=str, default=None, help="One prompt a line, cycled over the pairs.")
-    group.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset (Hub id or folder).")
-    group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--dataset_split", type=str, default="train")
-    group.add_argument("--caption_column", type=str, default="text")
-    group.add_argument(
-        "--partial_caption_prob",
-        type=float,
-        default=0.0,
-        help="ShapesWorld: share of captions with attributes left out.",
-    )
+    add_prompt_args(parser)
     args = parser.parse_args(argv)
 
-    for name in ("num_pairs", "shard_size", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"`--{name}` must be a positive integer, got {getattr(args, name)}.")
-    if args.num_inference_steps is not None and args.num_inference_steps <= 0:
-        raise ValueError(f"`--num_inference_steps` must be a positive integer, got {args.num_inference_steps}.")
-    if args.prompts_file is not None and args.dataset_name is not None:
-        raise ValueError("Pass at most one of `--prompts_file` and `--dataset_name`.")
-    if args.prompts_file is not None and not Path(args.prompts_file).is_file():
-        raise ValueError(f"`--prompts_file` {args.prompts_file!r} is not a file.")
-    if not 0.0 <= args.partial_caption_prob <= 1.0:
-        raise ValueError(f"`--partial_caption_prob` must lie in [0, 1], got {args.partial_caption_prob}.")
+    arguments.check_positive(args, "num_pairs", "shard_size", "batch_size", "num_inference_steps")
+    check_prompt_args(args)
     return args
-
-
-def load_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The prompt of every pair, and a description of where they came from; shorter sources are cycled."""
-    if args.prompts_file is not None:
-        source = f"prompts file {args.prompts_file}"
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    elif args.dataset_name is not None:
-        source = (
-            f"dataset {args.dataset_name} ({args.dataset_config_name}, {args.dataset_split}, {args.caption_column})"
-        )
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split)
-        if args.caption_column not in dataset.column_names:
-            raise ValueError(f"`--caption_column` {args.caption_column!r} is not one of {dataset.column_names}.")
-        prompts = [str(caption) for caption in dataset[args.caption_column]]
-    else:
-        source = f"ShapesWorld train captions (seed {args.seed}, partial_caption_prob {args.partial_caption_prob})"
-        rows = build_dataset(
-            args.num_pairs, seed=args.seed, split="train", partial_caption_prob=args.partial_caption_prob
-        )
-        prompts = rows.with_format(None)["caption"]  # plain columns: no images drawn
-    if not prompts:
-        raise ValueError(f"No prompts in {source}.")
-    return [prompts[i % len(prompts)] for i in range(args.num_pairs)], source
-
-
-def check_pairs_config(output_dir: Path, config: dict) -> None:
-    """Refuse to add shards to pairs made with other settings: the set would mix two couplings."""
-    path = output_dir / PAIRS_CONFIG_FILE
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text())
-    changed = {
-        k: (saved.get(k), config.get(k)) for k in sorted(saved.keys() | config.keys()) if saved.get(k) != config.get(k)
-    }
-    if changed:
-        raise ValueError(
-            f"`--output_dir` {str(output_dir)!r} holds pairs made with other settings (saved, now): {changed}. "
-            "Pass the same flags to resume, or a new `--output_dir`."
-        )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Like `Accelerator`, honour `accelerate launch --cpu` / ACCELERATE_USE_CPU: without it, CPU processes
-    # would not join one process group and each would write every shard.
+    # 1. Processes. Like `Accelerator`, honour `accelerate launch --cpu` / ACCELERATE_USE_CPU: without it, CPU
+    # processes would not join one process group and each would write every shard.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
 
+    # 2. The teacher and its sampler.
     location = resolve_model_location(args.pretrained_model_name_or_path)
-    pipe = FastPipeline.from_pretrained(location, dtype=DTYPES[args.mixed_precision])
+    dtype = run.DTYPES[args.mixed_precision]
+    pipe = FastPipeline.from_pretrained(location, dtype=dtype)
     defaults = read_fastgen_metadata(location).get("default_inference", {})
     num_inference_steps = args.num_inference_steps or defaults.get("num_inference_steps")
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale")
@@ -178,14 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(
             f"`--resolution` must be a multiple of the VAE factor {pipe.vae_scale_factor}, got {resolution}."
         )
-    noise_shape = (
-        pipe.unet.config.in_channels,
-        resolution // pipe.vae_scale_factor,
-        resolution // pipe.vae_scale_factor,
-    )
-    prompts, prompt_source = load_prompts(args)
+    latent_size = resolution // pipe.vae_scale_factor
+    noise_shape = (pipe.unet.config.in_channels, latent_size, latent_size)
 
-    # Everything that decides a pair's content; a resumed run must match it.
+    # 3. Prompts, and the record of everything that decides a pair's content: a resumed run must match it.
+    source_prompts = load_prompts(args)
+    prompts = [source_prompts[i % len(source_prompts)] for i in range(args.num_pairs)]
     config = {
         "teacher": args.pretrained_model_name_or_path,
         "pipeline": type(pipe).__name__,
@@ -197,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "num_pairs": args.num_pairs,
         "shard_size": args.shard_size,
-        "prompt_source": prompt_source,
+        "prompt_source": describe_prompt_source(args),
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
     }
     check_pairs_config(output_dir, config)
@@ -207,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         (output_dir / PAIRS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state.wait_for_everyone()
 
+    # 4. This process's missing shards.
     done = set(complete_shards(output_dir))
     mine = range(state.process_index, num_shards(args.num_pairs, args.shard_size), state.num_processes)
     todo = [shard for shard in mine if shard not in done]
@@ -214,13 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(done)} shards complete; this process writes {len(todo)} of its {len(mine)}.", main_process_only=False
     )
 
-    dtype = DTYPES[args.mixed_precision]
+    # 5. Sample them.
     for shard in tqdm(todo, desc="shards", disable=not state.is_local_main_process):
         indices = shard_indices(shard, args.num_pairs, args.shard_size)
         # Cast before storing, so the stored noise is exactly what the teacher started from.
-        noise = torch.stack([torch.randn(noise_shape, generator=image_generator(args.seed, i)) for i in indices]).to(
-            dtype
-        )
+        noise = torch.stack([torch.randn(noise_shape, generator=image_generator(args.seed, i)) for i in indices])
+        noise = noise.to(dtype)
         latents = []
         for start in range(0, len(indices), args.batch_size):
             batch = indices[start : start + args.batch_size]

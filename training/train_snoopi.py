@@ -17,7 +17,8 @@ frozen copy plus a LoRA with `--use_lora`): at SD1.5 size a third base copy cost
 student's graph, DDP wrapper and gradient checkpointing apart from the adapter switching. See docs/snoopi.md.
 
     accelerate launch training/train_snoopi.py --pretrained_model_name_or_path shapes-teacher \\
-        --output_dir runs/shapes-snoopi --max_train_steps 3000 --resume_from_checkpoint latest
+        --shapesworld_prompts 50000 --output_dir runs/shapes-snoopi --max_train_steps 3000 \\
+        --resume_from_checkpoint latest
 
 The output folder is a `OneStepPipeline` (`FastPipeline.from_pretrained(output_dir)`); with `--use_lora` it also
 holds the student LoRA as `pytorch_lora_weights.safetensors` for `load_lora_weights` on the teacher's components.
@@ -29,46 +30,43 @@ import argparse
 import contextlib
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fastgen_diffusers.attention import negative_attention
 from fastgen_diffusers.pipelines.auto import read_model_index, resolve_model_location, write_fastgen_metadata
-from fastgen_diffusers.pipelines.negative_prompts import DEFAULT_NASA_SCALE
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
-from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
+from fastgen_diffusers.schedulers import OneStepScheduler
 from fastgen_diffusers.shapes.captions import COLOURS
-from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training import arguments, run
+from fastgen_diffusers.training.checkpointing import checkpoint_trainable_weights, trainable_parameters
 from fastgen_diffusers.training.data import tokenize
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
-from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
+from fastgen_diffusers.training.hub import publish
+from fastgen_diffusers.training.lora import adapters_disabled, save_unet_lora, unet_lora_config
+from fastgen_diffusers.training.prompts import (
+    add_prompt_args,
+    check_prompt_args,
+    default_validation_prompts,
+    draw_negative_prompts,
+    load_prompts,
+    read_lines,
+)
 from fastgen_diffusers.training.score_distillation import (
-    classifier_free_guidance,
     dmd_gradient,
     fake_score_loss,
-    noisy_sample,
-    one_step_prediction,
-    predicted_noise,
+    guided_noise,
     sample_guidance_scales,
     sample_timesteps,
     vsd_gradient,
     vsd_loss,
 )
-from fastgen_diffusers.training.students import student_lora_config
+from fastgen_diffusers.training.students import student_scheduler
 from fastgen_diffusers.training.validation import save_image_grid
 
 logger = get_logger(__name__, log_level="INFO")
@@ -78,13 +76,9 @@ TEACHER_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_training_args(parser)
-    group = parser.add_argument_group("models")
-    group.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        required=True,
-        help="The teacher: an SD-family pipeline folder, Hub id, or embedded model name such as `shapes-teacher`.",
+    arguments.add_common_training_args(parser)
+    group = arguments.add_pretrained_model_arg(
+        parser, "The teacher: an SD-family pipeline folder, Hub id, or embedded model name such as `shapes-teacher`."
     )
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the teacher.")
     group.add_argument("--variant", type=str, default=None, help="Weight variant of the teacher, e.g. `fp16`.")
@@ -108,28 +102,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["to_q", "to_v"],
         help="Attention projections the fake-score LoRA adapts (SwiftBrush: to_q to_v).",
     )
-    group.add_argument(
-        "--nasa_scale",
-        type=float,
-        default=DEFAULT_NASA_SCALE,
-        help="The student's default NASA scale for negative prompts, stored in the output pipeline's config.",
-    )
+    arguments.add_nasa_scale_arg(group)
 
-    group = parser.add_argument_group("prompts (ShapesWorld captions unless one of the first two is given)")
-    group.add_argument("--prompts_file", type=str, default=None, help="A text file with one prompt per line.")
-    group.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset (Hub id or folder).")
-    group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--caption_column", type=str, default="text", help="The prompt column of `--dataset_name`.")
-    group.add_argument("--num_train_prompts", type=int, default=50_000, help="ShapesWorld captions to draw.")
-    group.add_argument(
-        "--partial_caption_prob", type=float, default=0.3, help="Share of ShapesWorld captions that omit attributes."
-    )
-    group.add_argument(
+    add_prompt_args(parser)
+    parser.add_argument(
         "--validation_prompts",
         type=str,
         nargs="+",
         default=None,
-        help="Prompts of the validation grids (default: ShapesWorld evaluation prompts, else the first prompts).",
+        help="Prompts of the validation grids (default: ShapesWorld's evaluation prompts with"
+        " `--shapesworld_prompts`, else the first training prompts).",
     )
 
     group = parser.add_argument_group("score distillation")
@@ -174,8 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--negative_prompts_file",
         type=str,
         default=None,
-        help="NASA-T negative prompts, one per line, drawn at random (default: a ShapesWorld colour the prompt"
-        " does not name).",
+        help="NASA-T negative prompts, one per line; each prompt draws one it does not name.",
+    )
+    group.add_argument(
+        "--shapesworld_negative_colours",
+        action="store_true",
+        help="NASA-T negative prompts: the ShapesWorld colours (instead of `--negative_prompts_file`).",
     )
 
     group = parser.add_argument_group("optimisation")
@@ -185,17 +171,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA of the student; the EMA is what is saved.")
     args = parser.parse_args(argv)
-    check_common_training_args(args)
+    arguments.check_common_training_args(args)
+    check_prompt_args(args)
     check_snoopi_args(args)
     return args
 
 
 def check_snoopi_args(args: argparse.Namespace) -> None:
     """Reject values no run could use, naming the flag."""
-    if args.prompts_file is not None and args.dataset_name is not None:
-        raise ValueError("Give at most one of `--prompts_file` and `--dataset_name`.")
-    if args.prompts_file is not None and not Path(args.prompts_file).is_file():
-        raise ValueError(f"`--prompts_file` {args.prompts_file!r} is not a file.")
     if not 0 <= args.guidance_scale_min <= args.guidance_scale_max:
         raise ValueError(
             f"Need 0 <= `--guidance_scale_min` <= `--guidance_scale_max`, got {args.guidance_scale_min} and"
@@ -206,79 +189,24 @@ def check_snoopi_args(args: argparse.Namespace) -> None:
             f"Need 0 <= `--min_timestep_ratio` < `--max_timestep_ratio` <= 1, got {args.min_timestep_ratio} and"
             f" {args.max_timestep_ratio}."
         )
-    for name in ("learning_rate", "fake_learning_rate", "lora_rank", "fake_lora_rank", "lora_alpha", "fake_lora_alpha",
-                 "num_train_prompts", "fake_updates_per_step"):  # fmt: skip
-        if getattr(args, name) <= 0:
-            raise ValueError(f"`--{name}` must be positive, got {getattr(args, name)}.")
+    arguments.check_positive(args, "learning_rate", "fake_learning_rate", "lora_rank", "fake_lora_rank", "lora_alpha",
+                   "fake_lora_alpha", "fake_updates_per_step")  # fmt: skip
+    arguments.check_non_negative(args, "nasa_training_max_scale", "nasa_scale", "lr_warmup_steps")
+    arguments.check_fraction(args, "fake_prompt_dropout", "ema_decay", "nasa_training_prob")
     if args.negative_prompts_file is not None and not Path(args.negative_prompts_file).is_file():
         raise ValueError(f"`--negative_prompts_file` {args.negative_prompts_file!r} is not a file.")
-    if args.nasa_training_max_scale < 0:
-        raise ValueError(f"`--nasa_training_max_scale` must be >= 0, got {args.nasa_training_max_scale}.")
-    for name in ("partial_caption_prob", "fake_prompt_dropout", "ema_decay", "nasa_training_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise ValueError(f"`--{name}` must lie in [0, 1], got {getattr(args, name)}.")
-    if args.nasa_scale < 0:
-        raise ValueError(f"`--nasa_scale` must be >= 0, got {args.nasa_scale}.")
-    if args.lr_warmup_steps < 0:
-        raise ValueError(f"`--lr_warmup_steps` must be >= 0, got {args.lr_warmup_steps}.")
+    if args.negative_prompts_file is not None and args.shapesworld_negative_colours:
+        raise ValueError("Give at most one of `--negative_prompts_file` and `--shapesworld_negative_colours`.")
+    if args.nasa_training_prob > 0 and args.negative_prompts_file is None and not args.shapesworld_negative_colours:
+        raise ValueError(
+            "`--nasa_training_prob` > 0 needs negative prompts: `--negative_prompts_file` or"
+            " `--shapesworld_negative_colours`."
+        )
     if args.gradient_accumulation_steps > 1 and args.fake_updates_per_step > 1:
         raise ValueError(
             "`--gradient_accumulation_steps` > 1 needs `--fake_updates_per_step 1`: accumulated fake-score turns would"
             " sum into one update."
         )
-
-
-def load_prompts(args: argparse.Namespace) -> list[str]:
-    """The training prompts: `--prompts_file`, the `--caption_column` of `--dataset_name`, or ShapesWorld captions.
-
-    Only the caption column is read, so datasets with images (and ShapesWorld, whose images are drawn on access)
-    never decode one.
-    """
-    if args.prompts_file is not None:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"`--prompts_file` {args.prompts_file!r} has no prompts.")
-        return prompts
-    if args.dataset_name is not None:
-        import datasets
-
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-        if args.caption_column not in dataset.column_names:
-            raise ValueError(
-                f"`--caption_column` {args.caption_column!r} is not a column of `--dataset_name` {args.dataset_name!r};"
-                f" its columns are {dataset.column_names}."
-            )
-        return [str(caption) for caption in dataset.select_columns([args.caption_column])[args.caption_column]]
-    dataset = build_dataset(
-        args.num_train_prompts, seed=args.seed, split="train", partial_caption_prob=args.partial_caption_prob
-    )
-    return list(dataset.with_format(None)["caption"])  # the plain column: no image transform runs
-
-
-def collate_prompts(prompts: list[str], tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor | list[str]]:
-    return {"input_ids": tokenize(tokenizer, prompts), "prompts": prompts}
-
-
-def load_negative_prompts(args: argparse.Namespace) -> list[str] | None:
-    """NASA-T's negative prompts from `--negative_prompts_file`; None means ShapesWorld colours (see below)."""
-    if args.negative_prompts_file is None:
-        return None
-    negatives = [line.strip() for line in Path(args.negative_prompts_file).read_text().splitlines() if line.strip()]
-    if not negatives:
-        raise ValueError(f"`--negative_prompts_file` {args.negative_prompts_file!r} has no prompts.")
-    return negatives
-
-
-def draw_negative_prompts(prompts: list[str], negatives: list[str] | None) -> list[str]:
-    """One negative prompt per prompt: a random line of `negatives`, or else a ShapesWorld colour the prompt does
-    not name (a negative that contradicts the prompt teaches nothing)."""
-    if negatives is not None:
-        return [negatives[i] for i in torch.randint(len(negatives), (len(prompts),)).tolist()]
-    drawn = []
-    for prompt in prompts:
-        absent = [colour for colour in COLOURS if f" {colour} " not in f" {prompt} "]
-        drawn.append(absent[torch.randint(len(absent), ()).item()])
-    return drawn
 
 
 def check_teacher(location: str, args: argparse.Namespace) -> None:
@@ -291,81 +219,79 @@ def check_teacher(location: str, args: argparse.Namespace) -> None:
         )
 
 
-def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters an optimiser updates, by name: what a checkpoint must hold besides the optimiser state."""
-    return {name: parameter for name, parameter in module.named_parameters() if parameter.requires_grad}
+def collate_prompts(prompts: list[str], tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor | list[str]]:
+    return {"input_ids": tokenize(tokenizer, prompts), "prompts": prompts}
 
 
-@contextlib.contextmanager
-def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
-    """The frozen teacher: the fake-score UNet with its LoRA switched off, back on when the block ends."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-def guided_noise(
-    unet: torch.nn.Module,
-    sample: torch.Tensor,
-    timesteps: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    unconditional_embeds: torch.Tensor,
-    guidance_scale: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-) -> torch.Tensor:
-    """Classifier-free-guided epsilon with per-sample scales, from one UNet call on the doubled batch (float32).
-
-    `unconditional_embeds` are the null prompt's, or a negative prompt's (NASA-T's teacher)."""
-    model_output = unet(
-        torch.cat([sample, sample]),
-        torch.cat([timesteps, timesteps]),
-        torch.cat([unconditional_embeds, prompt_embeds]),
-    ).sample
-    unconditional, conditional = model_output.chunk(2)
-    guided = classifier_free_guidance(unconditional, conditional, guidance_scale)
-    alpha_prod_t = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
-    return predicted_noise(guided, sample, alpha_prod_t, prediction_type)
+def card_fields(args: argparse.Namespace, student_timestep: int, example_prompt: str) -> dict[str, str]:
+    """What the `snoopi` model card says about the run."""
+    if args.negative_prompts_file is not None:
+        negatives = f"`{args.negative_prompts_file}` prompts"
+    else:
+        negatives = "ShapesWorld colours"
+    return {
+        "teacher": args.pretrained_model_name_or_path,
+        "steps": str(args.max_train_steps),
+        "guidance": (
+            f"kappa ~ U({args.guidance_scale_min:g}, {args.guidance_scale_max:g}) per sample (PG-SB)"
+            if args.guidance_scale_min < args.guidance_scale_max
+            else f"fixed kappa = {args.guidance_scale_min:g} (SwiftBrush's fixed-scale VSD)"
+        ),
+        "weighting": (
+            "SwiftBrush's (1 - a_t)(eps_teacher - eps_fake)"
+            if args.vsd_weighting == "swiftbrush"
+            else "DMD2's (x0_fake - x0_teacher) / mean|x0 - x0_teacher|"
+        ),
+        "student": (
+            f"LoRA (rank {args.lora_rank}), also saved as `pytorch_lora_weights.safetensors` for"
+            " `load_lora_weights` on a `OneStepPipeline` of the teacher's components"
+            if args.use_lora
+            else "full fine-tuning"
+        ),
+        "nasa_training": (
+            f"NASA-T on {100 * args.nasa_training_prob:g}% of steps: NASA alpha ~ U(0,"
+            f" {args.nasa_training_max_scale:g}) on one of the {negatives} the prompt does not name, the frozen"
+            " teacher's CFG away from the same negative prompt"
+            if args.nasa_training_prob > 0
+            else "none (NASA is training-free at inference)"
+        ),
+        "student_timestep": str(student_timestep),
+        "nasa_scale": f"{args.nasa_scale:g}",
+        "example_prompt": json.dumps(example_prompt),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = start_run(args)
 
-    # Frozen pieces in the mixed-precision dtype; trainable weights (student, LoRAs) stay in float32.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # 1. The run: accelerator, seed, recorded command.
+    accelerator = run.start_run(args)
+    weight_dtype = run.DTYPES[accelerator.mixed_precision]
+
+    # 2. Models. Frozen pieces in the mixed-precision dtype; trainable weights (student, LoRAs) stay in float32. The
+    # student's scheduler (the teacher's schedule, read at `student_timestep`) noises and predicts x0.
     location = resolve_model_location(args.pretrained_model_name_or_path)
     check_teacher(location, args)
     load = {"revision": args.revision, "variant": args.variant}
     tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=weight_dtype, **load)
     vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **load)  # float32: decodes validation images only
-    noise_scheduler = DDPMScheduler.from_pretrained(location, subfolder="scheduler", revision=args.revision)
+    teacher_scheduler_config = OneStepScheduler.load_config(location, subfolder="scheduler", revision=args.revision)
+    noise_scheduler = student_scheduler(teacher_scheduler_config, args.student_timestep)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     prediction_type = noise_scheduler.config.prediction_type
-    student_timestep = num_train_timesteps - 1 if args.student_timestep is None else args.student_timestep
-    if not 0 <= student_timestep < num_train_timesteps:
-        raise ValueError(f"`--student_timestep` must lie in [0, {num_train_timesteps}), got {student_timestep}.")
+    student_timestep = noise_scheduler.config.student_timestep
 
     # Teacher and fake score: one UNet, the fake score being a LoRA on the frozen teacher weights.
     fake_unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", dtype=weight_dtype, **load)
     fake_unet.requires_grad_(False).to(accelerator.device)
-    fake_unet.add_adapter(
-        LoraConfig(
-            r=args.fake_lora_rank,
-            lora_alpha=args.fake_lora_alpha,
-            init_lora_weights="gaussian",
-            target_modules=args.fake_lora_target_modules,
-        )
-    )
+    fake_unet.add_adapter(unet_lora_config(args.fake_lora_rank, args.fake_lora_alpha, args.fake_lora_target_modules))
     student_dtype = weight_dtype if args.use_lora else torch.float32
     student = UNet2DConditionModel.from_pretrained(location, subfolder="unet", dtype=student_dtype, **load)
     if args.use_lora:
         student.requires_grad_(False)
-        student.add_adapter(student_lora_config(args.lora_rank, args.lora_alpha))
+        student.add_adapter(unet_lora_config(args.lora_rank, args.lora_alpha))
     student.to(accelerator.device)
     cast_training_params([fake_unet, student], dtype=torch.float32)
     text_encoder.requires_grad_(False).to(accelerator.device)
@@ -373,44 +299,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         fake_unet.enable_gradient_checkpointing()
-    student_params, fake_params = trainable_parameters(student), trainable_parameters(fake_unet)
-
+    student_params = list(trainable_parameters(student).values())
+    fake_params = list(trainable_parameters(fake_unet).values())
     # Checkpoints hold the trainable weights only (not the frozen teacher), in float32, exactly.
-    checkpointed = {"student": student_params, "fake_score": fake_params}
+    checkpoint_trainable_weights(accelerator, {"student": student, "fake_score": fake_unet})
 
-    def save_model_hook(models, weights, checkpoint_dir):
-        if accelerator.is_main_process:
-            for name, params in checkpointed.items():
-                state = {key: value.detach().float().cpu().contiguous() for key, value in params.items()}
-                save_file(state, str(Path(checkpoint_dir) / f"{name}.safetensors"))
-        weights.clear()  # nothing left for accelerate to save
-
-    def load_model_hook(models, checkpoint_dir):
-        for name, params in checkpointed.items():
-            state = load_file(str(Path(checkpoint_dir) / f"{name}.safetensors"))
-            if state.keys() != params.keys():
-                raise ValueError(f"{checkpoint_dir}/{name}.safetensors does not match this run's trainable weights.")
-            with torch.no_grad():
-                for key, value in params.items():
-                    value.copy_(state[key])
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    # AdamW without weight decay: SwiftBrush's Adam, named as the papers do.
-    student_optimizer = torch.optim.AdamW(student_params.values(), lr=args.learning_rate, weight_decay=0.0)
-    fake_optimizer = torch.optim.AdamW(fake_params.values(), lr=args.fake_learning_rate, weight_decay=0.0)
-    student_lr_scheduler = constant_lr_scheduler(
+    # 3. Optimisers: AdamW without weight decay, SwiftBrush's Adam, named as the papers do.
+    student_optimizer = torch.optim.AdamW(student_params, lr=args.learning_rate, weight_decay=0.0)
+    fake_optimizer = torch.optim.AdamW(fake_params, lr=args.fake_learning_rate, weight_decay=0.0)
+    student_lr_scheduler = run.constant_lr_scheduler(
         student_optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps
     )
-    fake_lr_scheduler = constant_lr_scheduler(
+    fake_lr_scheduler = run.constant_lr_scheduler(
         fake_optimizer,
         accelerator,
         args.lr_warmup_steps * args.fake_updates_per_step,
         args.max_train_steps * args.fake_updates_per_step,
     )
 
+    # 4. Data: prompts only.
     prompts = load_prompts(args)
     if len(prompts) < args.train_batch_size * accelerator.num_processes:
         raise ValueError(
@@ -424,40 +331,33 @@ def main(argv: list[str] | None = None) -> None:
         collate_fn=functools.partial(collate_prompts, tokenizer=tokenizer),
         num_workers=args.dataloader_num_workers,
         drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed),  # also what a resumed run draws from: not the global RNG
     )
+    negative_prompts = None  # NASA-T's
+    if args.negative_prompts_file is not None:
+        negative_prompts = read_lines(args.negative_prompts_file, "--negative_prompts_file")
+    elif args.shapesworld_negative_colours:
+        negative_prompts = list(COLOURS)
+
+    # 5. Prepare, EMA of the student, and the resumed state.
     (student, fake_unet, student_optimizer, fake_optimizer, student_lr_scheduler, fake_lr_scheduler, dataloader) = (
         accelerator.prepare(
             student, fake_unet, student_optimizer, fake_optimizer, student_lr_scheduler, fake_lr_scheduler, dataloader
         )
     )
     raw_student, raw_fake_unet = accelerator.unwrap_model(student), accelerator.unwrap_model(fake_unet)
-    ema = EMAModel(list(student_params.values()), decay=args.ema_decay)  # after `prepare` synced the processes
+    ema = EMAModel(student_params, decay=args.ema_decay)  # after `prepare` synced the processes
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
-
-    global_step = 0
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))  # also each process's random state
-        global_step = checkpoint_step(resume_path)
-    else:
-        set_seed(args.seed, device_specific=True)  # each process draws its own noise, timesteps and scales
-    if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train_snoopi", config=config)
+    global_step = run.resume_or_seed(accelerator, args, "train_snoopi")
 
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device, dtype=torch.float32)
     with torch.no_grad():
         null_embeds = text_encoder(tokenize(tokenizer, [""]).to(accelerator.device), return_dict=False)[0]
     latent_shape = (raw_student.config.in_channels, raw_student.config.sample_size, raw_student.config.sample_size)
-    if args.validation_prompts is not None:
-        validation_prompts = args.validation_prompts
-    elif args.prompts_file is None and args.dataset_name is None:
-        validation_prompts = [p.caption for p in evaluation_prompts(args.num_validation_images, seed=args.seed)]
-    else:
-        validation_prompts = prompts[: args.num_validation_images]
+    validation_prompts = args.validation_prompts or default_validation_prompts(
+        args, prompts, args.num_validation_images
+    )
 
     def generate(
         prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None = None, nasa_scale: float = 0.0
@@ -473,44 +373,36 @@ def main(argv: list[str] | None = None) -> None:
         )
         with steering:
             model_output = student(noise, timesteps, prompt_embeds).sample
-        return one_step_prediction(model_output, noise, alphas_cumprod, student_timestep, prediction_type)
+        return noise_scheduler.predict_original_sample(model_output, student_timestep, noise)
 
     def fake_score_step(original_sample: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """One update of the fake-score LoRA on detached student samples, with prompt dropout."""
         batch_size = original_sample.shape[0]
         timesteps = sample_timesteps(batch_size, num_train_timesteps, device=accelerator.device)
         noise = torch.randn_like(original_sample)
-        sample = noisy_sample(original_sample.detach(), noise, alphas_cumprod, timesteps)
+        sample = noise_scheduler.add_noise(original_sample.detach(), noise, timesteps)
         dropped = torch.rand(batch_size, device=accelerator.device) < args.fake_prompt_dropout
         prompt_embeds = torch.where(dropped[:, None, None], null_embeds.expand_as(prompt_embeds), prompt_embeds)
         model_output = fake_unet(sample, timesteps, prompt_embeds).sample
         loss = fake_score_loss(model_output, noise, sample, alphas_cumprod, timesteps, prediction_type)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(list(fake_params.values()), args.max_grad_norm)
-        fake_optimizer.step()
-        fake_lr_scheduler.step()
-        fake_optimizer.zero_grad()
+        run.optimizer_step(accelerator, loss, fake_params, fake_optimizer, fake_lr_scheduler, args.max_grad_norm)
         return loss
+
+    pipeline_settings = {
+        "scheduler": noise_scheduler,
+        "negative_attention": {"method": "nasa", "scale": args.nasa_scale},
+    }
 
     def validation_pipeline() -> OneStepPipeline:
         pipeline = OneStepPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=raw_student,
-            scheduler=noise_scheduler,
-            student_timestep=student_timestep,
-            default_nasa_scale=args.nasa_scale,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw_student, **pipeline_settings
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    negative_prompts = load_negative_prompts(args)
-    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
+    # 6. Training.
+    data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
+    progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
     while global_step < args.max_train_steps:
         batch = next(data)
         with accelerator.accumulate(student, fake_unet):
@@ -519,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_null_embeds = null_embeds.expand_as(prompt_embeds)
             batch_size = prompt_embeds.shape[0]
 
-            # 1. Student turn: VSD with the same per-sample guidance scale in both teachers. On a NASA-T step the
+            # 6a. Student turn: VSD with the same per-sample guidance scale in both teachers. On a NASA-T step the
             # student steers away from a negative prompt and the frozen teacher's CFG pushes away from the same
             # prompt; the fake score keeps the null prompt (SNOOPI v3: negatives there too did worse).
             teacher_unconditional = batch_null_embeds
@@ -539,9 +431,8 @@ def main(argv: list[str] | None = None) -> None:
             timesteps = sample_timesteps(
                 batch_size, num_train_timesteps, args.min_timestep_ratio, args.max_timestep_ratio, accelerator.device
             )
-            sample = noisy_sample(
-                original_sample.detach(), torch.randn_like(original_sample), alphas_cumprod, timesteps
-            )
+            noise = torch.randn_like(original_sample)
+            sample = noise_scheduler.add_noise(original_sample.detach(), noise, timesteps)
             with torch.no_grad():
                 with adapters_disabled(raw_fake_unet) as teacher:
                     teacher_noise = guided_noise(
@@ -557,14 +448,11 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 gradient = dmd_gradient(teacher_noise, fake_noise, original_sample, sample, alphas_cumprod, timesteps)
             student_loss = vsd_loss(original_sample, gradient)
-            accelerator.backward(student_loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(list(student_params.values()), args.max_grad_norm)
-            student_optimizer.step()
-            student_lr_scheduler.step()
-            student_optimizer.zero_grad()
+            run.optimizer_step(
+                accelerator, student_loss, student_params, student_optimizer, student_lr_scheduler, args.max_grad_norm
+            )
 
-            # 2. Fake-score turn(s): the first on this step's samples, further ones on fresh noise.
+            # 6b. Fake-score turn(s): the first on this step's samples, further ones on fresh noise.
             fake_loss = fake_score_step(original_sample, prompt_embeds)
             for _ in range(args.fake_updates_per_step - 1):
                 with torch.no_grad():
@@ -573,103 +461,38 @@ def main(argv: list[str] | None = None) -> None:
 
         if not accelerator.sync_gradients:
             continue
-        ema.step(list(student_params.values()))
+        ema.step(student_params)
         global_step += 1
-        progress.update(1)
-        losses = accelerator.gather(torch.stack([student_loss.detach(), fake_loss.detach()]).reshape(1, 2)).mean(0)
-        logs = {
-            "vsd_loss": losses[0].item(),
-            "fake_score_loss": losses[1].item(),
-            "kappa": guidance_scale.mean().item(),
-        }
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
-
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        if accelerator.is_main_process and global_step % args.validation_steps == 0:
-            ema.store(student_params.values())
-            ema.copy_to(student_params.values())
+        logs = run.mean_over_processes(accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss)
+        logs["kappa"] = guidance_scale.mean().item()
+        if run.end_step(accelerator, args, progress, global_step, logs):
             generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(validation_prompts))]
-            with accelerator.autocast():
+            with run.ema_weights(ema, student_params), accelerator.autocast():
                 images = validation_pipeline()(validation_prompts, generator=generator).images
             save_image_grid(images, output_dir / "validation" / f"step-{global_step}.png")
-            ema.restore(student_params.values())
 
+    # 7. The EMA student as a OneStepPipeline folder on the teacher's components (with `--use_lora`, also its LoRA
+    # in Diffusers' format, merged into the teacher's float32 weights for the folder), its default sampler and card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ema.copy_to(student_params.values())
-        config = {"student_timestep": student_timestep, "default_nasa_scale": args.nasa_scale}
+        ema.copy_to(student_params)
+        student_unet = {} if args.use_lora else {"unet": raw_student}
+        pipeline = OneStepPipeline.from_pretrained(location, **load, **pipeline_settings, **student_unet)
         if args.use_lora:
-            # The LoRA in Diffusers' format, then the student merged into the teacher's float32 weights.
-            OneStepPipeline.save_lora_weights(
-                output_dir,
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(raw_student)),
-                unet_lora_adapter_metadata=raw_student.peft_config["default"].to_dict(),
-                safe_serialization=True,
-            )
-            pipeline = OneStepPipeline.from_pretrained(location, **load, **config)
+            save_unet_lora(OneStepPipeline, raw_student, output_dir)
             pipeline.load_lora_weights(output_dir)
             pipeline.fuse_lora()
             pipeline.unload_lora_weights()
-        else:
-            pipeline = OneStepPipeline.from_pretrained(location, unet=raw_student, **load, **config)
         pipeline.save_pretrained(str(output_dir))
-        write_fastgen_metadata(
-            output_dir,
-            {
-                "method": "snoopi",
-                "default_inference": {
-                    "timesteps": [student_timestep],
-                    "guidance_scale": 1.0,
-                    "nasa_scale": args.nasa_scale,
-                },
-            },
-        )
-        save_model_card(
-            output_dir,
+        default_inference = {"num_inference_steps": 1, "guidance_scale": 1.0}
+        write_fastgen_metadata(output_dir, {"method": "snoopi", "default_inference": default_inference})
+        publish(
+            args,
             template="snoopi",
-            fields={
-                "teacher": args.pretrained_model_name_or_path,
-                "command": (output_dir / "training_commands.txt").read_text().strip(),
-                "steps": str(args.max_train_steps),
-                "guidance": (
-                    f"kappa ~ U({args.guidance_scale_min:g}, {args.guidance_scale_max:g}) per sample (PG-SB)"
-                    if args.guidance_scale_min < args.guidance_scale_max
-                    else f"fixed kappa = {args.guidance_scale_min:g} (SwiftBrush's fixed-scale VSD)"
-                ),
-                "weighting": (
-                    "SwiftBrush's (1 - a_t)(eps_teacher - eps_fake)"
-                    if args.vsd_weighting == "swiftbrush"
-                    else "DMD2's (x0_fake - x0_teacher) / mean|x0 - x0_teacher|"
-                ),
-                "student": (
-                    f"LoRA (rank {args.lora_rank}), also saved as `pytorch_lora_weights.safetensors` for"
-                    " `load_lora_weights` on a `OneStepPipeline` of the teacher's components"
-                    if args.use_lora
-                    else "full fine-tuning"
-                ),
-                "nasa_training": (
-                    f"NASA-T on {100 * args.nasa_training_prob:g}% of steps: NASA alpha ~ U(0,"
-                    f" {args.nasa_training_max_scale:g}) on "
-                    + (
-                        "`" + args.negative_prompts_file + "` prompts"
-                        if args.negative_prompts_file
-                        else "a ShapesWorld colour the prompt does not name"
-                    )
-                    + ", the frozen teacher's CFG away from the same negative prompt"
-                    if args.nasa_training_prob > 0
-                    else "none (NASA is training-free at inference)"
-                ),
-                "student_timestep": str(student_timestep),
-                "nasa_scale": f"{args.nasa_scale:g}",
-                "example_prompt": json.dumps(validation_prompts[0]),
-            },
+            fields=card_fields(args, student_timestep, validation_prompts[0]),
             tags=["text-to-image", "one-step", "snoopi", "score-distillation"] + (["lora"] if args.use_lora else []),
-            base_model=None if Path(location).exists() else location,  # a Hub id, not a local folder
+            base_model=args.pretrained_model_name_or_path,
         )
-        if args.push_to_hub:
-            push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
     accelerator.end_training()
 
 

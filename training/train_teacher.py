@@ -26,7 +26,6 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from fastgen_diffusers.pipelines.auto import write_fastgen_metadata
 from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
@@ -40,11 +39,9 @@ from fastgen_diffusers.shapes.teacher_config import (
     make_vae,
 )
 from fastgen_diffusers.shapes.tokenizer import build_tokenizer
-from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training import arguments, run
 from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
-from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
+from fastgen_diffusers.training.hub import publish
 from fastgen_diffusers.training.snr_weighting import loss_weights
 from fastgen_diffusers.training.validation import save_image_grid
 
@@ -53,7 +50,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_training_args(parser)
+    arguments.add_common_training_args(parser)
     group = parser.add_argument_group("model")
     group.add_argument("--scale", type=str, default="full", choices=SCALES, help="'micro' is for tests only.")
     group = parser.add_argument_group("data")
@@ -98,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--ema_decay", type=float, default=0.999)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
     args = parser.parse_args(argv)
-    check_common_training_args(args)
+    arguments.check_common_training_args(args)
     if not 0.0 <= args.high_noise_fraction <= 1.0:
         raise ValueError(f"`--high_noise_fraction` must lie in [0, 1], got {args.high_noise_fraction}.")
     if args.snr_floor < 0:
@@ -106,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.vae_from is None and args.vae_train_steps <= 0:
         raise ValueError(f"`--vae_train_steps` must be positive, got {args.vae_train_steps}.")
     if args.vae_from is not None and args.vae_train_steps != 0:
-        raise ValueError(f"`--vae_from` replaces the VAE stage: pass `--vae_train_steps 0`, got {args.vae_train_steps}.")
+        raise ValueError(
+            f"`--vae_from` replaces the VAE stage: pass `--vae_train_steps 0`, got {args.vae_train_steps}."
+        )
     return args
 
 
@@ -137,7 +136,9 @@ def vae_loss(reconstruction: torch.Tensor, target: torch.Tensor, kl: torch.Tenso
     return l1 + 0.5 * (dx + dy) + kl_weight * kl
 
 
-def sample_timesteps(batch_size: int, num_timesteps: int, high_noise_fraction: float, high_noise_start: int) -> torch.Tensor:
+def sample_timesteps(
+    batch_size: int, num_timesteps: int, high_noise_fraction: float, high_noise_start: int
+) -> torch.Tensor:
     """Uniform timesteps, with a share drawn from the noisiest range only.
 
     Layout (where the shape sits) is decided at high noise, where SD's schedule leaves the loss
@@ -178,8 +179,11 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str) -> 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = start_run(args)
 
+    # 1. The run: accelerator, seed, recorded command.
+    accelerator = run.start_run(args)
+
+    # 2. Models, from scratch: the VAE trains first, then the text encoder and UNet.
     with tempfile.TemporaryDirectory() as tokenizer_files:
         tokenizer = build_tokenizer(tokenizer_files)
     text_encoder, unet = make_text_encoder(tokenizer, args.scale), make_unet(args.scale)
@@ -195,14 +199,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
+    # 3. Optimisers and the EMA of the diffusion model.
     vae_step = VAEWithKL(vae)
     vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     diffusion_params = list(itertools.chain(unet.parameters(), text_encoder.parameters()))
     optimizer = torch.optim.AdamW(diffusion_params, lr=args.learning_rate, weight_decay=1e-2)
-    lr_scheduler = constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
+    lr_scheduler = run.constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
     ema = EMAModel(diffusion_params, decay=args.ema_decay)
     accelerator.register_for_checkpointing(ema)
 
+    # 4. Data: ShapesWorld images and captions, drawn on access.
     dataset = build_dataset(
         args.num_train_samples,
         seed=args.seed,
@@ -219,20 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
+
+    # 5. Prepare, and the resumed state.
     vae_step, vae_optimizer, unet, text_encoder, optimizer, lr_scheduler, dataloader = accelerator.prepare(
         vae_step, vae_optimizer, unet, text_encoder, optimizer, lr_scheduler, dataloader
     )
     ema.to(accelerator.device)
-
     total_steps = args.vae_train_steps + args.max_train_steps
-    global_step = 0
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_teacher", config={k: v for k, v in vars(args).items() if v is not None})
+    global_step = run.resume_or_seed(accelerator, args, "train_teacher")
 
     # Fixed images that set the latent scale: the same on every resume.
     scale_batch = images_to_tensor(build_dataset(512, seed=args.seed + 1, split="train")[:]["image"])
@@ -240,8 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     raw_vae = accelerator.unwrap_model(vae_step).vae
     validation_prompts = [p.caption for p in evaluation_prompts(args.num_validation_images, seed=args.seed)]
 
-    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    def trained_pipeline() -> StableDiffusionPipeline:
+        """The text encoder and UNet as they are now, behind the frozen VAE."""
+        trained = {"text_encoder": accelerator.unwrap_model(text_encoder), "unet": accelerator.unwrap_model(unet)}
+        return build_pipeline(vae=raw_vae, tokenizer=tokenizer, prediction_type=args.prediction_type, **trained)
+
+    # 6. Training: the VAE stage, then the UNet stage.
+    data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
+    progress = run.progress_bar(accelerator, total_steps, global_step)
     while global_step < total_steps:
         batch = next(data)
         if global_step < args.vae_train_steps:
@@ -276,65 +282,42 @@ def main(argv: list[str] | None = None) -> None:
                 snr = compute_snr(noise_scheduler, timesteps)
                 weights = loss_weights(snr, args.snr_gamma, args.snr_floor, args.prediction_type)
                 loss = (loss * weights).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(diffusion_params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                run.optimizer_step(accelerator, loss, diffusion_params, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:
             continue
         if global_step >= args.vae_train_steps:
             ema.step(diffusion_params)
         global_step += 1
-        progress.update(1)
-        logs = {"loss": accelerator.gather(loss.detach().reshape(1)).mean().item(), "stage": int(global_step > args.vae_train_steps)}
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
-
-        if global_step % args.checkpointing_steps == 0 or global_step == total_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        in_unet_stage = global_step > args.vae_train_steps
-        if accelerator.is_main_process and in_unet_stage and (global_step % args.validation_steps == 0):
-            ema.store(diffusion_params)
-            ema.copy_to(diffusion_params)
-            pipeline = build_pipeline(
-                raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet),
-                args.prediction_type,
-            )
-            pipeline.set_progress_bar_config(disable=True)
+        logs = {**run.mean_over_processes(accelerator, loss=loss), "stage": int(global_step > args.vae_train_steps)}
+        validation_due = run.end_step(accelerator, args, progress, global_step, logs, total_steps)
+        if validation_due and global_step > args.vae_train_steps:
             generator = torch.Generator().manual_seed(args.seed)
-            images = pipeline(validation_prompts, num_inference_steps=25, guidance_scale=4.0, generator=generator).images
-            save_image_grid(images, output_dir / "validation" / f"step-{global_step}.png")
-            ema.restore(diffusion_params)
+            with run.ema_weights(ema, diffusion_params):
+                pipeline = trained_pipeline()
+                pipeline.set_progress_bar_config(disable=True)
+                images = pipeline(validation_prompts, num_inference_steps=25, guidance_scale=4.0, generator=generator)
+            save_image_grid(images.images, output_dir / "validation" / f"step-{global_step}.png")
 
+    # 7. The EMA model as a StableDiffusionPipeline folder, its default sampler and its card.
     accelerator.wait_for_everyone()
     if raw_vae.training:  # resumed at the last step: the loop never ran
         freeze_vae(raw_vae, scale_batch)
     if accelerator.is_main_process:
         ema.copy_to(diffusion_params)
-        pipeline = build_pipeline(
-            raw_vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet),
-            args.prediction_type,
-        )
-        pipeline.save_pretrained(str(output_dir))
-        write_fastgen_metadata(
-            output_dir, {"method": "teacher", "default_inference": {"num_inference_steps": 25, "guidance_scale": 4.0}}
-        )
-        save_model_card(
-            output_dir,
+        trained_pipeline().save_pretrained(str(output_dir))
+        default_inference = {"num_inference_steps": 25, "guidance_scale": 4.0}
+        write_fastgen_metadata(output_dir, {"method": "teacher", "default_inference": default_inference})
+        publish(
+            args,
             template="shapes_teacher",
             fields={
                 "prediction": args.prediction_type,
-                "command": (output_dir / "training_commands.txt").read_text().strip(),
                 "steps": str(args.max_train_steps),
                 "vae_steps": str(args.vae_train_steps) if args.vae_from is None else f"0 (VAE from `{args.vae_from}`)",
             },
             tags=["text-to-image", "stable-diffusion", "shapesworld"],
         )
-        if args.push_to_hub:
-            push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
     accelerator.end_training()
 
 

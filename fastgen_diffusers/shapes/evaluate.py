@@ -5,20 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
+from ..utils.seeding import image_generator
 from .dataset import evaluation_prompts
 from .judge import ShapesJudge
 from .metrics import attribute_adherence, brightness_error, shapes_fd
 from .render import render_attributes
-
-
-def image_generator(seed: int, index: int) -> torch.Generator:
-    """The generator for image `index` of a run seeded `seed`: an image never depends on the batch it is in."""
-    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-    return torch.Generator().manual_seed(state)
 
 
 def generate_images(

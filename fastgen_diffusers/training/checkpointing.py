@@ -11,8 +11,9 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
-
+from safetensors.torch import load_file, save_file
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -22,7 +23,9 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -44,7 +47,9 @@ def resolve_resume_path(output_dir: str | Path, resume_from_checkpoint: str | No
     if not path.is_dir():
         path = Path(output_dir) / resume_from_checkpoint
     if not path.is_dir():
-        raise ValueError(f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint folder.")
+        raise ValueError(
+            f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint folder."
+        )
     checkpoint_step(path)
     return path
 
@@ -68,3 +73,41 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters an optimiser updates, by name: all a checkpoint must hold of a model whose other weights are
+    frozen (a LoRA on a teacher)."""
+    return {name: parameter for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def load_trainable_parameters(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy `state` (saved from `trainable_parameters`) into `module`'s trainable parameters, which it must match."""
+    parameters = trainable_parameters(module)
+    if state.keys() != parameters.keys():
+        raise ValueError(f"`{source}` does not match the trainable weights of this model.")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state[name])
+
+
+def checkpoint_trainable_weights(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """Make `accelerator.save_state` / `load_state` keep each module's trainable weights only, as
+    `{name}.safetensors` in float32 (not the frozen teacher weights a LoRA sits on)."""
+
+    def save_model_hook(models, weights, checkpoint_dir):
+        if accelerator.is_main_process:
+            for name, module in modules.items():
+                parameters = trainable_parameters(module)
+                state = {key: value.detach().float().cpu().contiguous() for key, value in parameters.items()}
+                save_file(state, str(Path(checkpoint_dir) / f"{name}.safetensors"))
+        weights.clear()  # nothing left for accelerate to save
+
+    def load_model_hook(models, checkpoint_dir):
+        for name, module in modules.items():
+            path = Path(checkpoint_dir) / f"{name}.safetensors"
+            load_trainable_parameters(module, load_file(str(path)), path)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)

@@ -1,9 +1,9 @@
 """InstaFlow's training maths and its store of (noise, latent) pairs.
 
-Conventions (those of [`InstaFlowPipeline`] and [`RectifiedFlowEulerScheduler`] with `"noise_to_data"`):
-flow time tau runs from 0 (x0, standard normal noise) to 1 (x1, the teacher's image latent); the path is
-x_tau = tau * x1 + (1 - tau) * x0; the UNet predicts the velocity x1 - x0; and it is told the time
-(1 - tau) * 1000, so 1000 is pure noise, as in Stable Diffusion. The scheduler's sigma is 1 - tau.
+The straight path, its target velocity and the UNet time are [`RectifiedFlowEulerScheduler`]'s (`scale_noise`,
+`get_velocity`, timesteps sigma * 1000), the scheduler the trained model samples with. In InstaFlow's words, flow
+time tau = 1 - sigma runs from 0 (x0, standard normal noise) to 1 (x1, the teacher's image latent); the path is
+x_tau = tau * x1 + (1 - tau) * x0; the UNet predicts the velocity x1 - x0 and is told the time (1 - tau) * 1000.
 
 Pairs are written in shards, `shard-00000.parquet`, ..., each holding consecutive sample indices: the index,
 the exact noise the teacher started from, the latent it reached, and the prompt. A shard appears under its
@@ -12,6 +12,7 @@ final name only once complete, so an interrupted generation resumes shard by sha
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -25,35 +26,13 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import tokenize
 
-
-NUM_TRAIN_TIMESTEPS = 1000  # `RectifiedFlowEulerScheduler`'s default: the UNet time of pure noise
+PAIRS_CONFIG_FILE = "reflow_pairs.json"  # everything that decides a pair's content, beside the shards
 SHARD_NAME = "shard-{:05d}.parquet"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.parquet$")
 LOSSES = ("l2", "pseudo_huber", "lpips")
 
 
-# ----------------------------------------------------------------------------- the straight path
-
-
-def _per_sample(tau: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B,) time as (B, 1, 1, 1), to broadcast against (B, C, H, W) latents."""
-    return tau.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def reflow_interpolation(noise: torch.Tensor, latents: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """x_tau = tau * x1 + (1 - tau) * x0: the point at flow time `tau` (shape (B,)) on the line noise -> latent."""
-    tau = _per_sample(tau, latents)
-    return tau * latents + (1.0 - tau) * noise
-
-
-def reflow_target(noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """x1 - x0: the velocity of the straight path, the same at every point of it (InstaFlow predicts it directly)."""
-    return latents - noise
-
-
-def unet_time(tau: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """(1 - tau) * 1000: the UNet time InstaFlow feeds at flow time tau, so noise (tau = 0) keeps SD's time 1000."""
-    return (1.0 - tau) * num_train_timesteps
+# ----------------------------------------------------------------------------- the one-step student
 
 
 def one_step_sample(noise: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -126,6 +105,27 @@ def lpips_loss(lpips_model: torch.nn.Module, prediction: torch.Tensor, target: t
 
 
 # ----------------------------------------------------------------------------- the pairs store
+
+
+def read_pairs_config(pairs_dir: str | Path) -> dict:
+    """The settings the pairs in `pairs_dir` were made with ({} for pairs without a record)."""
+    path = Path(pairs_dir) / PAIRS_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_pairs_config(pairs_dir: str | Path, config: dict) -> None:
+    """Refuse to add shards to pairs made with other settings: the set would mix two couplings."""
+    saved = read_pairs_config(pairs_dir)
+    if not saved:
+        return
+    changed = {
+        k: (saved.get(k), config.get(k)) for k in sorted(saved.keys() | config.keys()) if saved.get(k) != config.get(k)
+    }
+    if changed:
+        raise ValueError(
+            f"`--output_dir` {str(pairs_dir)!r} holds pairs made with other settings (saved, now): {changed}. "
+            "Pass the same flags to resume, or a new `--output_dir`."
+        )
 
 
 def num_shards(num_pairs: int, shard_size: int) -> int:

@@ -1,46 +1,81 @@
-"""The start of every training run and its data stream, shared so that each script resumes the same way."""
+"""The parts of a training run every script shares: its start, the seeds, resuming, the batch stream, and the end of
+each optimisation step (log, checkpoint, validation with the EMA weights)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from .checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from .hub import training_command
+
+logger = get_logger(__name__, log_level="INFO")
+
+# `--mixed_precision` (and `accelerator.mixed_precision`) -> the dtype of frozen weights.
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def start_run(args: argparse.Namespace) -> Accelerator:
     """The `Accelerator` for a run, with the seed set and the arguments and command line recorded.
 
-    `training_commands.txt` is appended to, not rewritten: a resumed run is made by several commands,
-    and the model card lists them all.
+    The seed is the same on every process here, so that models are initialised alike; `resume_or_seed` gives each
+    process its own stream once the models are prepared. `training_commands.txt` is appended to, not rewritten: a
+    resumed run is made by several commands, and the model card lists them all.
     """
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order after a resume
+        # The same data order on every process and after a resume, whatever the processes' own seeds.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)  # also the same initialisation (e.g. of LoRA layers) on every process
+    set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
         with open(output_dir / "training_commands.txt", "a") as log:
             log.write(training_command() + "\n")
     return accelerator
+
+
+def resume_or_seed(accelerator: Accelerator, args: argparse.Namespace, tracker_name: str) -> int:
+    """The number of steps already done, after restoring `--resume_from_checkpoint` or seeding a fresh run.
+
+    A fresh run seeds every process differently (`device_specific`), so DDP ranks draw different noise, timesteps
+    and scales; a resumed one gets each process's random state back from the checkpoint. Call it after
+    `accelerator.prepare`, so that models initialised from the shared seed are already in sync.
+    """
+    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    global_step = 0
+    if resume_path is None:
+        set_seed(args.seed, device_specific=True)
+    else:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+    if accelerator.is_main_process:
+        config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers(tracker_name, config=config)
+    return global_step
 
 
 def constant_lr_scheduler(
@@ -65,3 +100,60 @@ def resumed_batches(accelerator: Accelerator, dataloader: DataLoader, batches_do
     for e in itertools.count(epoch):
         dataloader.set_epoch(e)
         yield from (accelerator.skip_first_batches(dataloader, skip) if e == epoch and skip else dataloader)
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    parameters: Iterable[torch.nn.Parameter],
+    optimizer: Optimizer,
+    lr_scheduler: LRScheduler,
+    max_grad_norm: float,
+) -> None:
+    """Backpropagate `loss` and update: gradients clipped to `max_grad_norm` once they are accumulated."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+def progress_bar(accelerator: Accelerator, total_steps: int, global_step: int) -> tqdm:
+    return tqdm(range(total_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+
+
+def end_step(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    progress: tqdm,
+    global_step: int,
+    logs: dict[str, float],
+    total_steps: int | None = None,
+) -> bool:
+    """Log step `global_step` and save a checkpoint when one is due (every `--checkpointing_steps` and at the last
+    step); return whether validation images are due, on the main process only (every `--validation_steps`)."""
+    progress.update(1)
+    progress.set_postfix(**logs)
+    accelerator.log(logs, step=global_step)
+    if global_step % args.checkpointing_steps == 0 or global_step == (total_steps or args.max_train_steps):
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    return accelerator.is_main_process and global_step % args.validation_steps == 0
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel, parameters: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """The EMA weights in `parameters` for the `with` block (validation), the trained ones back afterwards."""
+    parameters = list(parameters)
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def mean_over_processes(accelerator: Accelerator, **values: torch.Tensor) -> dict[str, float]:
+    """Each scalar averaged over the processes, for the logs."""
+    gathered = accelerator.gather(torch.stack([value.detach().float() for value in values.values()])[None])
+    return dict(zip(values, gathered.mean(dim=0).tolist()))

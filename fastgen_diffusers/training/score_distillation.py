@@ -5,21 +5,21 @@ LoRA teacher trained to denoise the student's own samples, are compared on x_t =
 
     grad = w(t) (eps_teacher(x_t, t, y; kappa) - eps_fake(x_t, t, y; kappa)),   w(t) = sigma_t^2 = 1 - a_t
 
-(or DMD2's x0-space, per-sample normalised version of the same difference), and the student descends 0.5 ||x0 - stopgrad(x0 - grad)||^2, whose gradient with respect to x0 is `grad`
-(up to the mean's 1 / numel). Both scores use classifier-free guidance with the same per-sample scale
-kappa ~ U(kappa_min, kappa_max): PG-SB's fix of SwiftBrush's fixed scale, whose training oscillates on SD1.5.
+(or DMD2's x0-space, per-sample normalised version of the same difference), and the student descends
+0.5 ||x0 - stopgrad(x0 - grad)||^2, whose gradient with respect to x0 is `grad` (up to the mean's 1 / numel).
+Both scores use classifier-free guidance with the same per-sample scale kappa ~ U(kappa_min, kappa_max): PG-SB's
+fix of SwiftBrush's fixed scale, whose training oscillates on SD1.5.
 kappa_min == kappa_max is the fixed-scale VSD ablation.
 
-Every function works in float32 whatever the model dtype: under bf16, a_t near 1 is quantised in steps of 2^-9,
-which corrupts sigma_t^2 at small t, and x0 at SD's t = 999 divides by sqrt(a_t) = 0.07.
+The student's x0 and the noising x_t come from [`OneStepScheduler`] (`predict_original_sample`, `add_noise`), the
+scheduler the student samples with. Every function here works in float32 whatever the model dtype: under bf16, a_t
+near 1 is quantised in steps of 2^-9, which corrupts sigma_t^2 at small t.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from ..pipelines.one_step import diffuse, predict_original_sample
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -78,21 +78,6 @@ def predicted_noise(
     )
 
 
-def one_step_prediction(
-    model_output: torch.Tensor,
-    noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    student_timestep: int,
-    prediction_type: str,
-) -> torch.Tensor:
-    """The student's image x0 from its UNet output on pure `noise` read as x_t at `student_timestep`, in float32.
-
-    Exactly what `OneStepPipeline` computes at inference, so the trained student needs no other sampler. The
-    schedule is read from `alphas_cumprod`, not SwiftBrush's hard-coded 0.0047 (right only for SD's schedule).
-    """
-    return predict_original_sample(model_output, noise, alphas_cumprod[student_timestep], prediction_type)
-
-
 def sample_timesteps(
     batch_size: int,
     num_train_timesteps: int,
@@ -115,12 +100,27 @@ def sample_timesteps(
     return torch.randint(low, high, (batch_size,), device=device, generator=generator)
 
 
-def noisy_sample(
-    original_sample: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor
+def guided_noise(
+    unet: torch.nn.Module,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    unconditional_embeds: torch.Tensor,
+    guidance_scale: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
 ) -> torch.Tensor:
-    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with one timestep per sample, in float32 (Diffusers' `add_noise`
-    casts a_t to the sample's dtype)."""
-    return diffuse(original_sample, noise, _per_sample(alphas_cumprod[timesteps], original_sample))
+    """Classifier-free-guided epsilon with per-sample scales, from one UNet call on the doubled batch (float32).
+
+    `unconditional_embeds` are the null prompt's, or a negative prompt's (NASA-T's teacher)."""
+    model_output = unet(
+        torch.cat([sample, sample]),
+        torch.cat([timesteps, timesteps]),
+        torch.cat([unconditional_embeds, prompt_embeds]),
+    ).sample
+    unconditional, conditional = model_output.chunk(2)
+    guided = classifier_free_guidance(unconditional, conditional, guidance_scale)
+    return predicted_noise(guided, sample, _per_sample(alphas_cumprod[timesteps], sample), prediction_type)
 
 
 def vsd_gradient(

@@ -1,4 +1,4 @@
-"""The one-step student of a `train_snoopi.py` run, rebuilt from any of its checkpoints.
+"""The one-step student of a `train_snoopi.py` run: its scheduler, and the student of any of its checkpoints.
 
 A run's output folder holds the final (EMA) student only; its `checkpoint-N` folders hold the raw trainable
 weights at step N. Rebuilding a checkpoint's student as a `OneStepPipeline` lets the package's own metrics compare
@@ -11,21 +11,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft import LoraConfig
+from diffusers.configuration_utils import FrozenDict
 from safetensors.torch import load_file
 
 from ..pipelines.auto import resolve_model_location
 from ..pipelines.one_step import OneStepPipeline
+from ..schedulers import OneStepScheduler
+from .checkpointing import load_trainable_parameters
+from .lora import unet_lora_config
 
-# The student LoRA of `train_snoopi.py --use_lora`: every attention projection, self- and cross-attention.
-STUDENT_LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
-
-def student_lora_config(rank: int, alpha: float) -> LoraConfig:
-    """The peft config of a LoRA student (`--lora_rank`, `--lora_alpha`)."""
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=STUDENT_LORA_TARGET_MODULES
-    )
+def student_scheduler(teacher_scheduler_config: FrozenDict | dict, student_timestep: int | None) -> OneStepScheduler:
+    """The student's scheduler on the teacher's schedule; `student_timestep` None means the last training timestep
+    (999 for SD)."""
+    if student_timestep is None:
+        student_timestep = teacher_scheduler_config["num_train_timesteps"] - 1
+    return OneStepScheduler.from_config(teacher_scheduler_config, student_timestep=student_timestep)
 
 
 def load_student_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> OneStepPipeline:
@@ -42,17 +43,8 @@ def load_student_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> OneS
     args = json.loads(args_file.read_text())
     teacher = resolve_model_location(args["pretrained_model_name_or_path"])
     pipe = OneStepPipeline.from_pretrained(teacher, revision=args.get("revision"), variant=args.get("variant"))
-    timestep = args["student_timestep"]  # None: the script's default, the last training timestep
-    last_timestep = pipe.scheduler.config.num_train_timesteps - 1
-    pipe.register_to_config(student_timestep=last_timestep if timestep is None else timestep)
-
-    state = load_file(weights_file)
+    pipe.scheduler = student_scheduler(pipe.scheduler.config, args["student_timestep"])
     if args["use_lora"]:
-        pipe.unet.add_adapter(student_lora_config(args["lora_rank"], args["lora_alpha"]))
-        result = pipe.unet.load_state_dict(state, strict=False)
-        missing_lora = [key for key in result.missing_keys if "lora" in key]
-        if result.unexpected_keys or missing_lora:
-            raise ValueError(f"`{weights_file}` does not match the LoRA that `{args_file}` describes.")
-    else:
-        pipe.unet.load_state_dict(state)
+        pipe.unet.add_adapter(unet_lora_config(args["lora_rank"], args["lora_alpha"]))
+    load_trainable_parameters(pipe.unet, load_file(weights_file), weights_file)
     return pipe
