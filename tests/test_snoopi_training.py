@@ -231,6 +231,12 @@ def test_two_processes_resume_exactly_and_export_a_one_step_pipeline(tiny_sd_pat
     assert all("lora" in k for k in load_file(resumed / "checkpoint-3" / "fake_score.safetensors"))
     assert (resumed / "checkpoint-3" / "random_states_1.pkl").is_file()
     assert (straight / "validation" / "step-2.png").is_file()
+    # A full-weight checkpoint's raw student rebuilds as a pipeline, every weight from the checkpoint.
+    raw_student = load_file(resumed / "checkpoint-3" / "student.safetensors")
+    rebuilt = load_student_checkpoint(resumed, "checkpoint-3").unet.state_dict()
+    assert raw_student.keys() == rebuilt.keys()
+    for key in raw_student:
+        torch.testing.assert_close(rebuilt[key], raw_student[key], rtol=1e-6, atol=1e-6)
 
     pipe = FastPipeline.from_pretrained(resumed)
     assert isinstance(pipe, OneStepPipeline)

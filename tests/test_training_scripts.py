@@ -95,8 +95,9 @@ def test_train_teacher_two_processes(tmp_path):
 
 def test_train_judge_runs(tmp_path):
     out = tmp_path / "judge"
-    accelerate_launch("train_judge.py", "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size",
-                      "8", "--num_train_samples", "64", "--num_eval_samples", "20", "--checkpointing_steps", "1")  # fmt: skip
+    accelerate_launch("train_judge.py", "--output_dir", str(out), "--max_train_steps", "2",
+                      "--train_batch_size", "8", "--num_train_samples", "64", "--num_eval_samples", "20",
+                      "--checkpointing_steps", "1")  # fmt: skip
     accuracy = json.loads((out / "accuracy.json").read_text())
     assert set(accuracy) == {"size", "colour", "shape", "position", "background"}
     assert accuracy["background"] == 1.0  # analytic read-outs need no training

@@ -25,8 +25,7 @@ from fastgen_diffusers.training.hub import publish
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments.add_common_training_args(parser)
+    parser = arguments.training_parser(__doc__)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--num_train_samples", type=int, default=200_000)
     parser.add_argument("--noise_std", type=float, default=0.06, help="Largest pixel-noise std, in [-1, 1] units.")

@@ -31,27 +31,16 @@ from torch.utils.data import DataLoader
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline, RectifiedFlowEulerScheduler
 from fastgen_diffusers.pipelines.auto import write_fastgen_metadata
-from fastgen_diffusers.training import arguments, run
+from fastgen_diffusers.training import arguments, reflow, run
 from fastgen_diffusers.training.hub import publish
 from fastgen_diffusers.training.lora import save_unet_lora, unet_lora_config
-from fastgen_diffusers.training.reflow import (
-    LOSSES,
-    PairCollator,
-    latent_loss,
-    load_lpips,
-    load_pairs,
-    lpips_loss,
-    one_step_sample,
-    read_pairs_config,
-)
 from fastgen_diffusers.training.validation import save_image_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments.add_common_training_args(parser)
+    parser = arguments.training_parser(__doc__)
     group = arguments.add_pretrained_model_arg(
         parser,
         "Initialisation: the teacher (a folder, Hub id or embedded name) for 2-RF; the 2-RF folder for --distill.",
@@ -63,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--pairs_dir", type=str, required=True, help="Output of generate_reflow_pairs.py.")
     group = parser.add_argument_group("loss")
     group.add_argument(
-        "--loss", type=str, default="l2", choices=LOSSES, help="'lpips' (decoded pixels) needs --distill and `lpips`."
+        "--loss",
+        type=str,
+        default="l2",
+        choices=reflow.LOSSES,
+        help="'lpips' (decoded pixels) needs --distill and `lpips`.",
     )
     group.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(dims)).")
     group = parser.add_argument_group("optimisation")
@@ -134,7 +127,7 @@ def usage_snippet(args: argparse.Namespace, prompt: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    lpips_model = load_lpips() if args.loss == "lpips" else None  # fail before loading anything else
+    lpips_model = reflow.load_lpips() if args.loss == "lpips" else None  # fail before loading anything else
     output_dir = Path(args.output_dir)
 
     # 1. The run: accelerator, seed, recorded command.
@@ -167,20 +160,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Data: the reflow pairs.
     with accelerator.main_process_first():  # one process builds the `datasets` cache, the others reuse it
-        pairs = load_pairs(args.pairs_dir)
+        pairs = reflow.load_pairs(args.pairs_dir)
     if pairs.features["latent"].shape[0] != unet.config.in_channels:
         raise ValueError(
             f"`--pairs_dir` holds latents with {pairs.features['latent'].shape[0]} channels; the UNet of "
             f"`--pretrained_model_name_or_path` takes {unet.config.in_channels}."
         )
-    pairs_config = read_pairs_config(args.pairs_dir)
+    pairs_config = reflow.read_pairs_config(args.pairs_dir)
     if len(pairs) < pairs_config.get("num_pairs", 0):
         logger.warning(f"Training on the {len(pairs)} complete pairs of {pairs_config['num_pairs']}.")
     dataloader = DataLoader(
         pairs.with_format("torch"),
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=PairCollator(base.tokenizer),
+        collate_fn=reflow.PairCollator(base.tokenizer),
         num_workers=args.dataloader_num_workers,
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),  # also what a resumed run draws from: not the global RNG
@@ -233,22 +226,22 @@ def main(argv: list[str] | None = None) -> None:
             if args.distill:
                 timesteps = torch.full((batch_size,), float(num_train_timesteps), device=noise.device)  # pure noise
                 velocity = unet(noise, timesteps, prompt_embeds, return_dict=False)[0].float()
-                prediction = one_step_sample(noise, velocity)
+                prediction = reflow.one_step_sample(noise, velocity)
                 if lpips_model is not None:
                     with accelerator.autocast():
                         predicted_pixels = decode(vae, prediction)
                         with torch.no_grad():
                             target_pixels = decode(vae, latents)
-                    loss = lpips_loss(lpips_model, predicted_pixels, target_pixels).mean()
+                    loss = reflow.lpips_loss(lpips_model, predicted_pixels, target_pixels).mean()
                 else:
-                    loss = latent_loss(args.loss, prediction, latents, args.huber_c).mean()
+                    loss = reflow.latent_loss(args.loss, prediction, latents, args.huber_c).mean()
             else:
                 tau = torch.rand(batch_size, device=noise.device)
                 timesteps = (1.0 - tau) * num_train_timesteps
                 noisy = scheduler.scale_noise(latents, timesteps, noise)
                 velocity = unet(noisy, timesteps, prompt_embeds, return_dict=False)[0].float()
                 target = scheduler.get_velocity(latents, noise)
-                loss = latent_loss(args.loss, velocity, target, args.huber_c).mean()
+                loss = reflow.latent_loss(args.loss, velocity, target, args.huber_c).mean()
             run.optimizer_step(accelerator, loss, trainable_params, optimizer, lr_scheduler, args.max_grad_norm)
 
         if not accelerator.sync_gradients:

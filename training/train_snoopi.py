@@ -75,8 +75,7 @@ TEACHER_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments.add_common_training_args(parser)
+    parser = arguments.training_parser(__doc__)
     group = arguments.add_pretrained_model_arg(
         parser, "The teacher: an SD-family pipeline folder, Hub id, or embedded model name such as `shapes-teacher`."
     )
@@ -131,14 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["swiftbrush", "dmd2"],
         help="swiftbrush: (1 - a_t)(eps_teacher - eps_fake) (SNOOPI); dmd2: the x0 difference normalised per sample.",
     )
-    group.add_argument("--min_timestep_ratio", type=float, default=0.02, help="VSD timesteps from this share of T.")
-    group.add_argument("--max_timestep_ratio", type=float, default=0.981, help="VSD timesteps below this share of T.")
     group.add_argument(
         "--fake_updates_per_step",
         type=int,
         default=1,
         help="Fake-score updates per student update (SwiftBrush 1; DMD2's two time-scale rule uses 5-10).",
     )
+    group.add_argument("--min_timestep_ratio", type=float, default=0.02, help="VSD timesteps from this share of T.")
+    group.add_argument("--max_timestep_ratio", type=float, default=0.981, help="VSD timesteps below this share of T.")
     group.add_argument(
         "--fake_prompt_dropout", type=float, default=0.1, help="Share of unconditioned fake-score training samples."
     )

@@ -49,8 +49,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments.add_common_training_args(parser)
+    parser = arguments.training_parser(__doc__)
     group = parser.add_argument_group("model")
     group.add_argument("--scale", type=str, default="full", choices=SCALES, help="'micro' is for tests only.")
     group = parser.add_argument_group("data")

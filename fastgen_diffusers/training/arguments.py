@@ -7,6 +7,12 @@ import argparse
 from ..pipelines.negative_attention import METHOD_DEFAULTS
 
 
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """A training script's parser: its docstring as the description, and the flags every script shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_training_args(parser)
+
+
 def add_common_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", type=str, required=True, help="Where checkpoints and the final model go.")
