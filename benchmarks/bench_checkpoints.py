@@ -68,7 +68,7 @@ def main() -> None:
         negatives = {}
         for scale in scales:
             negative = evaluate_negative_prompts(
-                pipe, judge, num_prompts=args.negative_n, seed=args.seed, guidance_scale=1.0, nasa_scale=scale
+                pipe, judge, num_prompts=args.negative_n, seed=args.seed, guidance_scale=1.0, negative_attention={"scale": scale}
             )
             average = negative["average"]
             reduction = average["relative_reduction"]  # None when no image had the negated colours to begin with

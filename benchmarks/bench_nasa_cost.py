@@ -189,8 +189,8 @@ def main() -> None:
 
     pipeline_calls = {
         "plain": run_pipeline(),
-        "NASA": run_pipeline(negative_prompt=NEGATIVE_PROMPT, nasa_scale=args.nasa_scale),
-        "NAG": run_pipeline(negative_prompt=NEGATIVE_PROMPT, negative_attention_method="nag"),
+        "NASA": run_pipeline(negative_prompt=NEGATIVE_PROMPT, negative_attention={"scale": args.nasa_scale}),
+        "NAG": run_pipeline(negative_prompt=NEGATIVE_PROMPT, negative_attention={"method": "nag"}),
         "CFG": run_pipeline(negative_prompt=NEGATIVE_PROMPT, guidance_scale=2.0),
     }
 

@@ -33,7 +33,7 @@ def load_with_defaults(model: str):
     """The pipeline and its default sampling settings (the model's fastgen.json)."""
     pipe = FastPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    no_overrides = argparse.Namespace(steps=None, guidance_scale=None, nasa_scale=None)
+    no_overrides = argparse.Namespace(steps=None, guidance_scale=None, negative_scale=None, negative_method=None)
     return pipe, sampling_kwargs(no_overrides, read_fastgen_metadata(resolve_model_location(model)))
 
 

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
 from . import assets
 from .pipelines.auto import FastPipeline, read_fastgen_metadata, resolve_model_location
+from .pipelines.negative_attention import METHOD_DEFAULTS
 
 
 def _non_negative_int(text: str) -> int:
@@ -37,25 +41,48 @@ def _non_negative_float(text: str) -> float:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help=f"An embedded model ({', '.join(assets.names())}), a local folder or a Hub id."
+        "--model",
+        required=True,
+        help=f"An embedded model ({', '.join(assets.pipeline_names())}), a local folder or a Hub id.",
     )
     parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
     parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's).")
     parser.add_argument(
-        "--nasa-scale",
+        "--negative-scale",
         type=_non_negative_float,
         default=None,
-        help="Strength of negative prompts at guidance <= 1 (NASA's alpha; default: the model's).",
+        help="Strength of negative prompts at guidance <= 1: NASA's alpha or NAG's phi (default: the model's).",
+    )
+    parser.add_argument(
+        "--negative-method",
+        choices=sorted(METHOD_DEFAULTS),
+        default=None,
+        help="How negative prompts steer cross-attention at guidance <= 1 (default: the model's, else nasa).",
     )
     parser.add_argument(
         "--oms",
         default=None,
         help="A One More Step module (embedded name such as shapes-oms, folder or Hub id) to run in front of the model.",
     )
-    parser.add_argument("--oms-prompt", default=None, help="What the OMS module reads instead of the prompt (needs --oms).")
+    parser.add_argument(
+        "--oms-prompt", default=None, help="What the OMS module reads instead of the prompt (needs --oms)."
+    )
     parser.add_argument(
         "--oms-guidance-scale", type=_non_negative_float, default=None, help="CFG on the OMS module (needs --oms)."
     )
+    parser.add_argument(
+        "--ppap",
+        default=None,
+        help="PPAP guidance (embedded shapes-ppap, or a folder): a saved PPAPGuidance, or a collection with "
+        "classifier/ and regressor/ subfolders.",
+    )
+    parser.add_argument(
+        "--guide-class", default=None, help="The class a PPAP classifier guides toward (needs --ppap)."
+    )
+    parser.add_argument(
+        "--guide-target", type=float, nargs="+", default=None, help="The values a PPAP regressor guides toward."
+    )
+    parser.add_argument("--ppap-scale", type=_non_negative_float, default=None, help="PPAP scale (default: stored).")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument(
@@ -99,7 +126,9 @@ def load_decoder(decoder: str, parser: argparse.ArgumentParser):
 
     location = resolve_model_location(decoder)
     if not Path(location).exists() and location.count("/") != 1:
-        parser.error(f"--decoder {decoder!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+        parser.error(
+            f"--decoder {decoder!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id."
+        )
     try:
         return AutoencoderTiny.from_pretrained(location, torch_dtype=torch.float32)  # shipped fp16; the CPU wants fp32
     except (ValueError, OSError) as error:
@@ -109,7 +138,9 @@ def load_decoder(decoder: str, parser: argparse.ArgumentParser):
 def load_pipeline(model: str, parser: argparse.ArgumentParser, decoder: str | None = None):
     location = resolve_model_location(model)
     if not Path(location).exists() and location.count("/") != 1:
-        parser.error(f"--model {model!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+        parser.error(
+            f"--model {model!r} is not an embedded model ({', '.join(assets.pipeline_names())}), a folder or a Hub id."
+        )
     components = {"vae": load_decoder(decoder, parser)} if decoder is not None else {}
     try:
         pipe = FastPipeline.from_pretrained(location, **components)
@@ -129,13 +160,60 @@ def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     location = resolve_model_location(args.oms)
     if not Path(location).exists() and location.count("/") != 1:
-        parser.error(f"--oms {args.oms!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id.")
+        parser.error(
+            f"--oms {args.oms!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id."
+        )
     try:
         oms_pipe = OMSPipeline.from_pretrained(location, base_pipeline=pipe)
     except (ValueError, TypeError, OSError) as error:
         parser.error(f"--oms {args.oms!r} cannot run in front of --model {args.model!r}: {error}")
     oms_pipe.set_progress_bar_config(disable=True)
     return oms_pipe
+
+
+def load_ppap(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The `PPAPGuidance` named by `--ppap`: a collection's classifier/ (with `--guide-class`, and in eval by default)
+    or regressor/ (with `--guide-target`), or a single saved PPAPGuidance folder."""
+    from .guidance import PPAPGuidance
+
+    if args.guide_class is not None and args.guide_target is not None:
+        parser.error("Give --guide-class (a classifier guide) or --guide-target (a regressor guide), not both.")
+    location = Path(resolve_model_location(args.ppap))
+    subfolder = None
+    if not (location / "ppap_config.json").is_file():
+        subfolder = "regressor" if args.guide_target is not None else "classifier"
+    try:
+        return PPAPGuidance.from_pretrained(location, subfolder=subfolder)
+    except (ValueError, OSError) as error:
+        parser.error(f"--ppap {args.ppap!r} could not be loaded: {error}")
+
+
+def guided(pipe):
+    """`pipe` as a pipeline whose loop takes `guidance_fn` (the teacher's folder names StableDiffusionPipeline)."""
+    from .pipelines.core import FastDiffusionPipeline
+
+    if isinstance(pipe, FastDiffusionPipeline):
+        return pipe
+    guided_pipe = FastDiffusionPipeline.from_pipe(pipe)
+    guided_pipe.set_progress_bar_config(disable=True)
+    return guided_pipe
+
+
+def ppap_kwargs(args: argparse.Namespace, pipe, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """`guidance_fn` for `fastgen generate --ppap`, bound to `--guide-class` or `--guide-target`."""
+    if args.ppap is None:
+        if args.guide_class is not None or args.guide_target is not None or args.ppap_scale is not None:
+            parser.error("--guide-class, --guide-target and --ppap-scale need --ppap.")
+        return {}
+    guidance = load_ppap(args, parser)
+    if args.guide_class is None and args.guide_target is None:
+        parser.error(f"--ppap needs --guide-class (one of {guidance.labels}) or --guide-target.")
+    try:
+        return {
+            "guidance_fn": guidance.bind(class_label=args.guide_class, target=args.guide_target, scale=args.ppap_scale)
+        }
+    except ValueError as error:
+        parser.error(f"--ppap: {error}")
 
 
 def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,15 +226,21 @@ def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[
     return {
         "num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps"),
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale"),
-        "nasa_scale": args.nasa_scale,
+        "negative_attention": negative_attention_settings(args),
     }
+
+
+def negative_attention_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--negative-method` and `--negative-scale` as the pipelines' `negative_attention` override, or None."""
+    settings = {"method": args.negative_method, "scale": args.negative_scale}
+    return {key: value for key, value in settings.items() if value is not None} or None
 
 
 # Pipeline call argument -> the flag that sets it.
 CALL_ARGUMENT_FLAGS = {
     "num_inference_steps": "--steps",
     "guidance_scale": "--guidance-scale",
-    "nasa_scale": "--nasa-scale",
+    "negative_attention": "--negative-scale/--negative-method",
     "negative_prompt": "--negative-prompt",
     "oms_prompt": "--oms-prompt",
     "oms_guidance_scale": "--oms-guidance-scale",
@@ -172,8 +256,11 @@ def check_call_arguments(pipe, settings: dict[str, Any], parser: argparse.Argume
         if value is not None and name not in accepted:
             parser.error(f"{CALL_ARGUMENT_FLAGS[name]}: {type(pipe).__name__} takes no `{name}`.")
     guidance = settings.get("guidance_scale")
-    if settings.get("nasa_scale") is not None and guidance is not None and guidance > 1:
-        parser.error(f"--nasa-scale steers attention only at guidance <= 1, but the guidance scale is {guidance}.")
+    if settings.get("negative_attention") is not None and guidance is not None and guidance > 1:
+        parser.error(
+            f"--negative-scale/--negative-method steer attention only at guidance <= 1, but the guidance scale is"
+            f" {guidance}; above 1 the negative prompt acts through classifier-free guidance."
+        )
 
 
 def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -192,22 +279,30 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
     pipe, metadata = load_pipeline(args.model, parser, args.decoder)
     pipe = attach_oms(pipe, args, parser)
+    if args.ppap is not None:
+        pipe = guided(pipe)
     settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt, **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
+    guidance = ppap_kwargs(args, pipe, parser)
     expanded = [prompt for prompt in prompts for _ in range(args.num_images)]
-    images = generate_images(pipe, expanded, seed=args.seed, batch_size=args.batch_size, **settings)
+    images = generate_images(pipe, expanded, seed=args.seed, batch_size=args.batch_size, **settings, **guidance)
 
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (prompt, image) in enumerate(zip(expanded, images)):
         name = f"{i:05d}.png"
         image.save(args.out / name)
-        records.append({"file": name, "prompt": prompt, "seed": args.seed, "index": i, "model": args.model, **settings})
+        ppap = (
+            {"ppap": args.ppap, "guide_class": args.guide_class, "guide_target": args.guide_target} if guidance else {}
+        )
+        records.append(
+            {"file": name, "prompt": prompt, "seed": args.seed, "index": i, "model": args.model, **settings, **ppap}
+        )
     index = args.out / "index.jsonl"
     partial = index.with_name("index.jsonl.partial")
     partial.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(partial, index)
-    print(f"Wrote {len(images)} images to {args.out}/ (index: {index})")
+    print(f"Wrote {len(images)} image{'s' if len(images) != 1 else ''} to {args.out}/ (index: {index})")
 
 
 def format_table(model: str, settings: dict[str, Any], result: dict[str, Any]) -> str:
@@ -239,6 +334,9 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     settings = {**sampling_kwargs(args, metadata), **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
     judge = ShapesJudge.from_pretrained()
+    if args.ppap is not None:
+        run_ppap_eval(args, guided(pipe), judge, settings, parser)
+        return
     if args.negative:
         from .shapes.negative_eval import evaluate_negative_prompts, format_negative_table
 
@@ -259,9 +357,44 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         print(format_table(args.model, settings, result))
 
 
+def run_ppap_eval(args: argparse.Namespace, pipe, judge, settings: dict[str, Any], parser) -> None:
+    """`fastgen eval --ppap`: the guided attribute on prompts that leave it open, without and with PPAP."""
+    from .guidance.shapesworld import GUIDED_ATTRIBUTE, bind_target, evaluate_guided
+
+    if args.guide_class is not None or args.guide_target is not None:
+        parser.error(
+            "fastgen eval --ppap guides each quarter of the prompts toward one target; drop --guide-class/--guide-target."
+        )
+    guidance = load_ppap(args, parser)
+    attribute = GUIDED_ATTRIBUTE[guidance.task]
+    rows = {}
+    for name, guidance_for in (
+        ("no guidance", None),
+        ("PPAP", lambda target: bind_target(guidance, guidance.task, target, scale=args.ppap_scale)),
+    ):
+        result = evaluate_guided(
+            pipe, judge, guidance.task, guidance_for, args.n, args.seed, args.batch_size, **settings
+        )
+        rows[name] = {k: v for k, v in result.items() if k not in ("images", "targets")}
+    if args.json:
+        print(json.dumps({"model": args.model, "ppap": args.ppap, "seed": args.seed, **settings, **rows}))
+        return
+    stated = list(rows["PPAP"]["stated"])
+    print(
+        f"model: {args.model}   ppap: {args.ppap} ({guidance.task})   n: {args.n}   prompts leave out the {attribute}"
+    )
+    print(f"| method | {attribute} = target | " + " | ".join(stated) + " |")
+    print("|---" * (len(stated) + 2) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['target_rate']:.3f} | " + " | ".join(f"{row['stated'][s]:.3f}" for s in stated) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A command prints its result, not the loading bars of every component.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     if args.command == "generate":
         run_generate(args, parser)
     else:

@@ -20,7 +20,7 @@ BACKGROUNDS = ["black", "dark gray", "gray", "light gray"] * 2
 
 
 def default_settings(name: str) -> dict:
-    no_overrides = type("Args", (), {"steps": None, "guidance_scale": None, "nasa_scale": None})()
+    no_overrides = type("Args", (), {"steps": None, "guidance_scale": None, "negative_scale": None, "negative_method": None})()
     settings = sampling_kwargs(no_overrides, read_fastgen_metadata(str(assets.path(name))))
     return {key: value for key, value in settings.items() if value is not None}
 
@@ -65,4 +65,4 @@ def test_one_step_negative_prompt_removes_the_colour_it_names(name, judge):
     picked = [r.colour for r in without]
     with_negative = generate(negative_prompt=picked)
     assert sum(r.colour != c for r, c in zip(with_negative, picked)) >= 6, picked
-    assert generate(negative_prompt=picked, nasa_scale=0.0) == without  # scale 0 is the plain call
+    assert generate(negative_prompt=picked, negative_attention={"scale": 0.0}) == without  # scale 0 is the plain call

@@ -95,9 +95,9 @@ class StubPipeline:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prompt, generator, output_type, negative_prompt=None, nasa_scale=None):
+    def __call__(self, prompt, generator, output_type, negative_prompt=None, negative_attention=None):
         negatives = negative_prompt or [None] * len(prompt)
-        self.calls.append({"negative_prompt": negative_prompt, "nasa_scale": nasa_scale})
+        self.calls.append({"negative_prompt": negative_prompt, "negative_attention": negative_attention})
         seeds = [g.initial_seed() for g in generator]
         return SimpleNamespace(
             images=[SimpleNamespace(prompt=p, negative=n, seed=s) for p, n, s in zip(prompt, negatives, seeds)]
@@ -125,10 +125,10 @@ class StubJudge:
 
 def test_evaluation_pairs_every_negative_run_with_the_baseline():
     pipe = StubPipeline()
-    result = evaluate_negative_prompts(pipe, StubJudge(), num_prompts=6, seed=1, batch_size=4, nasa_scale=0.3)
+    result = evaluate_negative_prompts(pipe, StubJudge(), num_prompts=6, seed=1, batch_size=4, negative_attention={"scale": 0.3})
     assert result["n"] == 6 and result["colours"] == list(COLOURS)
     assert len(pipe.calls) == 2 * (1 + len(COLOURS))  # two batches per run: one baseline run, one run per colour
-    assert all(call["nasa_scale"] == 0.3 for call in pipe.calls)
+    assert all(call["negative_attention"] == {"scale": 0.3} for call in pipe.calls)
     assert pipe.calls[0]["negative_prompt"] is None and pipe.calls[2]["negative_prompt"] == ["red"] * 4
 
     red = result["per_colour"]["red"]
@@ -166,9 +166,9 @@ def one_step_path(tiny_sd_components, tmp_path):
 
 
 def test_eval_negative_prints_json_and_table(one_step_path, capsys):
-    main(["eval", "--model", str(one_step_path), "--negative", "--n", "2", "--nasa-scale", "0.5", "--json"])
+    main(["eval", "--model", str(one_step_path), "--negative", "--n", "2", "--negative-scale", "0.5", "--json"])
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 2 and result["nasa_scale"] == 0.5
+    assert result["n"] == 2 and result["negative_attention"] == {"scale": 0.5}
     assert list(result["per_colour"]) == list(COLOURS)
     assert set(result["average"]["adherence_drop_points"]) == {
         "shape",
@@ -185,25 +185,24 @@ def test_eval_negative_prints_json_and_table(one_step_path, capsys):
     assert "| negative | share without | share with | reduction |" in table and "| average |" in table
 
 
-def test_nasa_scale_reaches_the_pipeline(one_step_path, tmp_path):
+def test_negative_scale_reaches_the_pipeline(one_step_path, tmp_path):
     def generate(name: str, *flags: str) -> np.ndarray:
         out = tmp_path / name
         main(["generate", "--model", str(one_step_path), "--prompt", "a circle", "--out", str(out), *flags])
         return np.asarray(Image.open(out / "00000.png"), dtype=np.int16)
 
     plain = generate("plain")
-    assert np.array_equal(generate("zero", "--negative-prompt", "red", "--nasa-scale", "0"), plain)
-    assert not np.array_equal(generate("strong", "--negative-prompt", "red", "--nasa-scale", "3"), plain)
+    assert np.array_equal(generate("zero", "--negative-prompt", "red", "--negative-scale", "0"), plain)
+    assert not np.array_equal(generate("strong", "--negative-prompt", "red", "--negative-scale", "3"), plain)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["eval", "--model", "SD", "--nasa-scale", "0.1", "--n", "1"], "--nasa-scale"),  # no NASA in Diffusers' SD
-        (["eval", "--model", "ONE", "--nasa-scale", "0.1", "--guidance-scale", "3", "--n", "1"], "--nasa-scale"),
-        (["eval", "--model", "ONE", "--nasa-scale", "-1"], "--nasa-scale"),
-        (["eval", "--model", "ONE", "--negative", "--steps", "2", "--n", "1"], "--steps"),
-        (["generate", "--model", "SD", "--prompt", "x", "--nasa-scale", "0.1", "--out", "o"], "--nasa-scale"),
+        (["eval", "--model", "SD", "--negative-scale", "0.1", "--n", "1"], "--negative-scale"),  # no NASA in Diffusers' SD
+        (["eval", "--model", "ONE", "--negative-scale", "0.1", "--guidance-scale", "3", "--n", "1"], "--negative-scale"),
+        (["eval", "--model", "ONE", "--negative-scale", "-1"], "--negative-scale"),
+        (["generate", "--model", "SD", "--prompt", "x", "--negative-scale", "0.1", "--out", "o"], "--negative-scale"),
     ],
 )
 def test_bad_input_names_the_flag(argv, message, tiny_sd_path, one_step_path, tmp_path, monkeypatch, capsys):

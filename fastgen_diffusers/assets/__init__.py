@@ -13,6 +13,15 @@ def names() -> list[str]:
     return sorted(p.name for p in ASSETS_DIR.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
+def pipeline_names() -> list[str]:
+    """The embedded text-to-image models (a pipeline folder with a UNet), the ones `fastgen generate` can run."""
+    return [
+        name
+        for name in names()
+        if (ASSETS_DIR / name / "model_index.json").is_file() and (ASSETS_DIR / name / "unet").is_dir()
+    ]
+
+
 def path(name: str) -> Path:
     """Local folder of the embedded checkpoint `name`."""
     folder = ASSETS_DIR / name
