@@ -19,7 +19,6 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .. import assets
 
-
 # `_class_name` in model_index.json -> "module:Class" of the pipeline that loads it.
 PIPELINE_CLASSES: dict[str, str] = {
     "FastDiffusionPipeline": "fastgen_diffusers.pipelines.core:FastDiffusionPipeline",
@@ -39,20 +38,16 @@ def resolve_model_location(name_or_path: str | os.PathLike) -> str:
 
 
 def read_model_index(location: str, **hub_kwargs) -> dict:
-    """The checkpoint's `model_index.json`, from a local folder or the Hub."""
+    """The checkpoint's `model_index.json`, from a local folder or the Hub (`DiffusionPipeline.load_config`)."""
     local = Path(location)
-    if local.is_dir():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"`pretrained_model_name_or_path` {location!r} is a folder without model_index.json.")
-    elif local.exists() or location.count("/") != 1:
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise ValueError(f"`pretrained_model_name_or_path` {location!r} is a folder without model_index.json.")
+    if not local.is_dir() and (local.exists() or location.count("/") != 1):
         raise ValueError(
             f"`pretrained_model_name_or_path` {location!r} is not a pipeline folder, a Hub id, "
-            f"or an embedded model (embedded: {assets.names()})."
+            f"or an embedded model (embedded: {assets.pipeline_names()})."
         )
-    else:
-        index = hf_hub_download(location, "model_index.json", **hub_kwargs)
-    return json.loads(Path(index).read_text())
+    return DiffusionPipeline.load_config(location, **hub_kwargs)
 
 
 def pipeline_class_for(class_name: str) -> type[DiffusionPipeline]:
@@ -77,11 +72,6 @@ class FastPipeline:
 
     def __init__(self, *args, **kwargs):
         raise EnvironmentError("Use `FastPipeline.from_pretrained(...)`; it returns the pipeline the checkpoint needs.")
-
-    @classmethod
-    def pipeline_class(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs) -> type[DiffusionPipeline]:
-        location = resolve_model_location(pretrained_model_name_or_path)
-        return pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
 
     @classmethod
     def from_pretrained(
@@ -117,4 +107,8 @@ def read_fastgen_metadata(location: str, **hub_kwargs) -> dict:
 
 
 def write_fastgen_metadata(output_dir: str | os.PathLike, metadata: dict) -> None:
-    (Path(output_dir) / FASTGEN_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    """Write `fastgen.json` atomically (a partial file renamed into place)."""
+    path = Path(output_dir) / FASTGEN_METADATA_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(metadata, indent=2) + "\n")
+    os.replace(partial, path)
