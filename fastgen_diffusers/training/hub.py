@@ -75,6 +75,7 @@ def publish(
     the upload when `--push_to_hub` asks for it."""
     output_dir = Path(args.output_dir)
     command = (output_dir / "training_commands.txt").read_text().strip()
-    save_model_card(output_dir, template, {**fields, "command": command}, tags, hub_base_model(base_model or ""))
+    base_model = hub_base_model(base_model) if base_model is not None else None
+    save_model_card(output_dir, template, {**fields, "command": command}, tags, base_model)
     if args.push_to_hub:
         push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
