@@ -43,7 +43,6 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from .negative_attention import NegativeAttentionMixin, resolve_negative_attention
 
-
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
 
@@ -140,7 +139,7 @@ class FastDiffusionPipeline(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=scheduler,
+            scheduler=self.scheduler_for_sampling(scheduler),
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
@@ -148,6 +147,12 @@ class FastDiffusionPipeline(
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         negative_attention = resolve_negative_attention(negative_attention, None)
         self.register_to_config(negative_attention=negative_attention)
+
+    @classmethod
+    def scheduler_for_sampling(cls, scheduler: SchedulerMixin) -> SchedulerMixin:
+        """The scheduler this pipeline samples with, given the one it is built or loaded with: that one here;
+        subclasses whose checkpoints save a scheduler their sampler cannot step replace or convert it."""
+        return scheduler
 
     encode_prompt = StableDiffusionPipeline.encode_prompt
     run_safety_checker = StableDiffusionPipeline.run_safety_checker

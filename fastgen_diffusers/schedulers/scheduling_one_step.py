@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .step_index import StepIndexMixin
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -48,7 +49,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
 
 
-class OneStepScheduler(SchedulerMixin, ConfigMixin):
+class OneStepScheduler(SchedulerMixin, ConfigMixin, StepIndexMixin):
     """
     Predict-x0-then-re-noise sampling on a DDPM schedule, for students that map noise to x0 in one UNet call.
 
@@ -89,19 +90,6 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.set_timesteps(1)
 
-    @property
-    def step_index(self) -> int | None:
-        """The index of the current timestep; `None` before the first `step` after `set_timesteps`."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first step's index, when a pipeline set it with `set_begin_index`."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -138,8 +126,7 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`timesteps` must be strictly decreasing, got {timesteps}.")
         self.num_inference_steps = len(timesteps)
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
         """The student reads the variance-preserving sample as it is."""
@@ -165,14 +152,12 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
             return alpha * sample - sigma * model_output
         return model_output
 
-    def _init_step_index(self, timestep: int | torch.Tensor) -> None:
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-            return
+    def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
+        """Position of `timestep` among `self.timesteps`."""
         matches = (self.timesteps == int(timestep)).nonzero()
         if len(matches) == 0:
             raise ValueError(f"`timestep` {timestep} is not among the timesteps {self.timesteps.tolist()}.")
-        self._step_index = matches[0].item()
+        return matches[0].item()
 
     def step(
         self,
@@ -188,17 +173,12 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             [`OneStepSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)` as a tuple.
         """
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index >= self.num_inference_steps:
-            raise ValueError(
-                f"`step` was called past the end of the {self.num_inference_steps}-step grid; call `set_timesteps` first."
-            )
+        index = self._current_step_index(timestep)
         pred_original_sample = self.predict_original_sample(model_output, timestep, sample)
         prev_sample = pred_original_sample
-        if self._step_index + 1 < len(self.timesteps):
+        if index + 1 < len(self.timesteps):
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev_sample = self.add_noise(pred_original_sample, noise, self.timesteps[self._step_index + 1])
+            prev_sample = self.add_noise(pred_original_sample, noise, self.timesteps[index + 1])
         self._step_index += 1
 
         prev_sample, pred_original_sample = prev_sample.to(sample.dtype), pred_original_sample.to(sample.dtype)

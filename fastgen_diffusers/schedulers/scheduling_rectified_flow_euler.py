@@ -24,6 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .step_index import StepIndexMixin
 
 VELOCITY_DIRECTIONS = ("noise_to_data", "data_to_noise")
 
@@ -44,7 +45,7 @@ class RectifiedFlowEulerSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
+class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin, StepIndexMixin):
     """
     Forward Euler on the straight path from noise (sigma = 1) to data (sigma = 0).
 
@@ -115,21 +116,7 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(grid)
         self.timesteps = torch.from_numpy(grid * self.config.num_train_timesteps).to(device, dtype=torch.float32)
         self.sigmas = torch.from_numpy(np.append(grid, 0.0)).to(device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def step_index(self) -> int | None:
-        """The index of the current timestep; `None` before the first `step` after `set_timesteps`."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first step's index, when a pipeline set it with `set_begin_index` (e.g. to start mid-grid)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
+        self._reset_step_index()
 
     def index_for_timestep(self, timestep: float | torch.Tensor) -> int:
         """Position of `timestep` on the grid."""
@@ -185,15 +172,8 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             [`RectifiedFlowEulerSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample)` as a tuple.
         """
-        if self._step_index is None:
-            self._step_index = (
-                self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
-            )
-        if self._step_index >= self.num_inference_steps:
-            raise ValueError(
-                f"`step` was called past the end of the {self.num_inference_steps}-step grid; call `set_timesteps` first."
-            )
-        sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
+        index = self._current_step_index(timestep)
+        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
         self._step_index += 1
 
         # Work with dx/dsigma ("data_to_noise"); sigma decreases, so the step (sigma_next - sigma) is negative. Upcast

@@ -10,17 +10,11 @@ original ignored) steers cross-attention through NASA or NAG: still one UNet eva
 
 from __future__ import annotations
 
-from typing import Any
-
-from diffusers.models import AutoencoderKL, UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ...schedulers import RectifiedFlowEulerScheduler
 from ..core import FastDiffusionPipeline
-
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -51,25 +45,14 @@ class InstaFlowPipeline(FastDiffusionPipeline):
 
     default_num_inference_steps = 1
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        safety_checker: StableDiffusionSafetyChecker | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        negative_attention: dict[str, Any] | None = None,
-    ):
-        if not isinstance(scheduler, RectifiedFlowEulerScheduler):
-            logger.warning(
-                f"`scheduler` is a {type(scheduler).__name__}, not a rectified-flow scheduler; using "
-                "RectifiedFlowEulerScheduler() (InstaFlow conventions: v = image - noise, t = (1 - i/N) * 1000). "
-                "Published InstaFlow checkpoints save a scheduler their sampler never uses. Pass `scheduler=` to "
-                "choose other conventions."
-            )
-            scheduler = RectifiedFlowEulerScheduler()
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, negative_attention
+    @classmethod
+    def scheduler_for_sampling(cls, scheduler: SchedulerMixin) -> RectifiedFlowEulerScheduler:
+        if isinstance(scheduler, RectifiedFlowEulerScheduler):
+            return scheduler
+        logger.warning(
+            f"`scheduler` is a {type(scheduler).__name__}, not a rectified-flow scheduler; using "
+            "RectifiedFlowEulerScheduler() (InstaFlow conventions: v = image - noise, t = (1 - i/N) * 1000). "
+            "Published InstaFlow checkpoints save a scheduler their sampler never uses. Pass `scheduler=` to "
+            "choose other conventions."
         )
+        return RectifiedFlowEulerScheduler()

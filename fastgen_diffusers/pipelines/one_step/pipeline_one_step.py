@@ -8,12 +8,7 @@ at the scheduler's `student_timestep`, or predict-x0-then-re-noise over several 
 
 from __future__ import annotations
 
-from typing import Any
-
-from diffusers.models import AutoencoderKL, UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ...schedulers import OneStepScheduler
 from ..core import FastDiffusionPipeline
@@ -45,24 +40,13 @@ class OneStepPipeline(FastDiffusionPipeline):
 
     default_num_inference_steps = 1
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        unet: UNet2DConditionModel,
-        scheduler: SchedulerMixin,
-        safety_checker: StableDiffusionSafetyChecker | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        negative_attention: dict[str, Any] | None = None,
-    ):
-        if not isinstance(scheduler, OneStepScheduler):
-            if not hasattr(scheduler, "alphas_cumprod"):
-                raise ValueError(
-                    "`scheduler` must be a OneStepScheduler or a DDPM-family scheduler with `alphas_cumprod` to take"
-                    f" the schedule from, got {scheduler.__class__.__name__}."
-                )
-            scheduler = OneStepScheduler.from_config(scheduler.config)
-        super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, negative_attention
-        )
+    @classmethod
+    def scheduler_for_sampling(cls, scheduler: SchedulerMixin) -> OneStepScheduler:
+        if isinstance(scheduler, OneStepScheduler):
+            return scheduler
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(
+                "`scheduler` must be a OneStepScheduler or a DDPM-family scheduler with `alphas_cumprod` to take"
+                f" the schedule from, got {scheduler.__class__.__name__}."
+            )
+        return OneStepScheduler.from_config(scheduler.config)
