@@ -41,7 +41,7 @@ from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import images_to_tensor, tokenize
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             base_model=None,
         )
         if args.push_to_hub:
-            push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
+            push_to_hub_or_exit(args)
     accelerator.end_training()
 
 

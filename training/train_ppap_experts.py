@@ -41,7 +41,7 @@ from fastgen_diffusers.pipelines.auto import resolve_model_location
 from fastgen_diffusers.pipelines.core import FastDiffusionPipeline
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
 from fastgen_diffusers.training.run import resumed_batches, start_run
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record))
         write_card(args, output_dir, record)
         if args.push_to_hub:
-            push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
+            push_to_hub_or_exit(args)
     accelerator.end_training()
 
 

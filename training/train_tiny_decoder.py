@@ -35,7 +35,7 @@ from fastgen_diffusers.pipelines.auto import resolve_model_location
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import images_to_tensor
-from fastgen_diffusers.training.hub import push_folder_to_hub, save_model_card
+from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.run import resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
 
@@ -296,7 +296,7 @@ def finish(args: argparse.Namespace, vae: AutoencoderKL, tiny: AutoencoderTiny, 
         base_model=hub_id_or_none(args.pretrained_model_name_or_path),
     )
     if args.push_to_hub:
-        push_folder_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token)
+        push_to_hub_or_exit(args)
 
 
 if __name__ == "__main__":
