@@ -191,6 +191,10 @@ def test_scheduler_spacing_config_round_trip_and_errors(tmp_path):
     assert reloaded.config.prediction_type == "v_prediction" and reloaded.init_noise_sigma == 1.0
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     torch.testing.assert_close(OneStepScheduler.from_config(ddim.config).alphas_cumprod, ddim.alphas_cumprod)
+    zero_snr = DDIMScheduler.from_config(ddim.config, rescale_betas_zero_snr=True)
+    converted = OneStepScheduler.from_config(zero_snr.config)
+    torch.testing.assert_close(converted.alphas_cumprod, zero_snr.alphas_cumprod)
+    assert converted.alphas_cumprod[-1] < 1e-6
     for bad in ({"prediction_type": "flow"}, {"student_timestep": 1000}):
         with pytest.raises(ValueError, match=f"`{next(iter(bad))}`"):
             OneStepScheduler(**bad)

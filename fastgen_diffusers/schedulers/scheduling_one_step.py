@@ -66,6 +66,9 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin, StepIndexMixin):
             `"v_prediction"` or `"sample"`.
         student_timestep (`int`, defaults to 999): The timestep at which the student reads pure noise (999 for
             SwiftBrush / SNOOPI / DMD2 SD1.5 students; 399 for one-step DMD2 SDXL).
+        trained_betas (`list[float]`, *optional*): Explicit betas, as in [`DDPMScheduler`].
+        rescale_betas_zero_snr (`bool`, defaults to `False`): Rescale the betas to zero terminal SNR, as in
+            [`DDPMScheduler`] (a teacher trained that way has alpha_bar = 0 at its last timestep).
     """
 
     order = 1
@@ -80,13 +83,23 @@ class OneStepScheduler(SchedulerMixin, ConfigMixin, StepIndexMixin):
         beta_schedule: str = "scaled_linear",
         prediction_type: str = "epsilon",
         student_timestep: int = 999,
+        trained_betas: list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         if not 0 <= student_timestep < num_train_timesteps:
             raise ValueError(f"`student_timestep` must be in [0, {num_train_timesteps}), got {student_timestep}.")
         # Diffusers' own beta schedules, so that every DDPM-family config gives the teacher's alphas.
-        betas = DDPMScheduler(num_train_timesteps, beta_start, beta_end, beta_schedule).betas
+        schedule = DDPMScheduler(
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas=trained_betas,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        betas = schedule.betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.set_timesteps(1)
 
