@@ -34,8 +34,10 @@ from report import write_report
 from fastgen_diffusers import FastPipeline, assets
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
 from fastgen_diffusers.shapes import evaluation_prompts
-from fastgen_diffusers.shapes.evaluate import evaluate_pipeline, generate_images
+from fastgen_diffusers.shapes.evaluate import evaluate_open_prompts, evaluate_pipeline, evaluation_floors, generate_images
 from fastgen_diffusers.shapes.judge import ShapesJudge
+from fastgen_diffusers.shapes.captions import ATTRIBUTE_NAMES
+from fastgen_diffusers.shapes.open_prompts import PROMPT_KINDS
 from fastgen_diffusers.shapes.negative_eval import evaluate_negative_prompts, format_negative_table
 
 DEFAULT_CONFIGS = [
@@ -99,6 +101,43 @@ def time_interleaved(pipes: list, configs: list[dict[str, Any]], batch: int, rep
     return [batch / statistics.median(s) for s in seconds]
 
 
+def ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
+def format_open_table(configs, open_results, floors, n: int) -> list[str]:
+    """The open-prompt table: stated-attribute adherence per kind, open-attribute TV, rejects and fidelity."""
+    kinds = list(PROMPT_KINDS)
+    attributes = list(ATTRIBUTE_NAMES)
+    lines = [
+        f"### Open prompts: {n} partial prompts ({', '.join(kinds)} in turn), seed 0",
+        "",
+        "| configuration | stated all | " + " | ".join(kinds) + " | open TV mean | "
+        + " | ".join(f"TV {a}" for a in attributes)
+        + " | rejected | fidelity | stated / first | TV - first | fidelity / first |",
+        "|---" * (len(kinds) + len(attributes) + 8) + "|",
+    ]
+    reference = open_results[0]
+    rows = [(c["label"], r) for c, r in zip(configs, open_results)]
+    rows += [("real images (noise floor)", floors["real"]["open"]), ("teacher VAE reconstructions", floors["vae"]["open"])]
+    for label, r in rows:
+        a, tv = r["adherence"], r["open_tv"]
+        lines.append(
+            f"| {label} | {a['all']:.3f} | " + " | ".join(f"{a[k]:.3f}" for k in kinds)
+            + f" | {tv['mean']:.3f} | " + " | ".join(f"{tv.get(x, float('nan')):.3f}" for x in attributes)
+            + f" | {r['rejected']:.3f} | {r['fidelity']:.2f} | {ratio(a['all'], reference['adherence']['all']):.3f}"
+            f" | {tv['mean'] - reference['open_tv']['mean']:+.3f} | {ratio(r['fidelity'], reference['fidelity']):.2f} |"
+        )
+    lines += [
+        "",
+        "stated: every attribute the prompt names judged right (a rejected image is wrong). TV: total-variation"
+        " distance of the judged values of an attribute the prompt leaves open (rejected images in their own bin)"
+        " from the data's uniform distribution, over the prompts that leave it open; the real images' row is the"
+        " sampling-noise floor at this n.",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -106,14 +145,15 @@ def main() -> None:
     )
     parser.add_argument("--no-defaults", action="store_true", help="Measure only the --config rows.")
     parser.add_argument("--n", type=int, default=1000, help="Evaluation prompts per configuration.")
+    parser.add_argument("--open-n", type=int, default=1000, help="Open (partial) prompts per configuration; 0: none.")
     parser.add_argument("--negative-n", type=int, default=200, help="Colour-free prompts for `--negative`.")
     parser.add_argument("--negative", action="store_true", help="Also measure NASA negative prompts (one-step).")
     parser.add_argument("--speed-batch", type=int, default=64, help="Prompts per timed call.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds (median).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shapes.md"))
     args = parser.parse_args()
-    if args.n < 1 or args.speed_batch < 1 or args.repeats < 1:
-        parser.error("--n, --speed-batch and --repeats must be at least 1.")
+    if args.n < 1 or args.speed_batch < 1 or args.repeats < 1 or args.open_n < 0:
+        parser.error("--n, --speed-batch and --repeats must be at least 1, --open-n at least 0.")
 
     configs = [parse_config(c) for c in ([] if args.no_defaults else DEFAULT_CONFIGS) + args.config]
     if not configs:
@@ -124,10 +164,15 @@ def main() -> None:
     judge = ShapesJudge.from_pretrained()
     pipes = [load(c) for c in configs]
 
-    results = []
+    results, open_results = [], []
     for pipe, config in zip(pipes, configs):
         print(f"quality: {config['label']}", flush=True)
         results.append(evaluate_pipeline(pipe, judge, num_prompts=args.n, seed=0, **config["call"]))
+        if args.open_n:
+            print(f"open prompts: {config['label']}", flush=True)
+            open_results.append(evaluate_open_prompts(pipe, judge, num_prompts=args.open_n, seed=0, **config["call"]))
+    print("floors: real images and the teacher VAE's reconstructions", flush=True)
+    floors = evaluation_floors(judge, FastPipeline.from_pretrained("shapes-teacher").vae, args.n, max(args.open_n, 1))
     print("speed (interleaved)", flush=True)
     speeds = time_interleaved(pipes, configs, args.speed_batch, args.repeats)
 
@@ -141,21 +186,41 @@ def main() -> None:
         "Ratios are to the first row, measured in this run.",
         "",
         (
-            "| configuration | all | shape | colour | size | position | background | held-out all | shapes_fd"
-            " | all / first | fd / first | images/s | speed-up |"
+            "| configuration | all | shape | colour | size | position | background | held-out all | rejected"
+            " | fidelity | drawing_fd | shapes_fd | all / first | fidelity / first | images/s | speed-up |"
         ),
-        "|---" * 13 + "|",
+        "|---" * 16 + "|",
     ]
     for config, result, speed in zip(configs, results, speeds):
         a = result["adherence"]
         held_out = result["held_out_adherence"].get("all", float("nan"))
         lines.append(
             f"| {config['label']} | {a['all']:.3f} | {a['shape']:.3f} | {a['colour']:.3f} | {a['size']:.3f}"
-            f" | {a['position']:.3f} | {a['background']:.3f} | {held_out:.3f} | {result['shapes_fd']:.1f}"
-            f" | {a['all'] / reference['adherence']['all']:.3f} | {result['shapes_fd'] / reference['shapes_fd']:.2f}"
+            f" | {a['position']:.3f} | {a['background']:.3f} | {held_out:.3f} | {result['rejected']:.3f}"
+            f" | {result['fidelity']:.2f} | {result['drawing_fd']:.2f} | {result['shapes_fd']:.1f}"
+            f" | {ratio(a['all'], reference['adherence']['all']):.3f} | {ratio(result['fidelity'], reference['fidelity']):.2f}"
             f" | {speed:.1f} | {speed / speeds[0]:.1f}x |"
         )
-    record = [{**c, **r, "images_per_second_interleaved": s} for c, r, s in zip(configs, results, speeds)]
+    for name, label in (("real", "real images (floor)"), ("vae", "teacher VAE reconstructions of them (floor)")):
+        floor = floors[name]["full"]
+        lines.append(
+            f"| {label} | {floor['adherence']:.3f} | | | | | | | {floor['rejected']:.3f} | {floor['fidelity']:.2f}"
+            " | | | | | | |"
+        )
+    lines += [
+        "",
+        "rejected: share of images the judge rejects (no single clean shape; they count as wrong). fidelity: mean RMS"
+        " distance (grey levels) to the nearest clean drawing of the shape the image shows. drawing_fd: Frechet"
+        " distance of the fitted drawings' parameters from the real images'. shapes_fd: the judge CNN's feature space"
+        " (kept for comparison; see docs/open-prompts.md).",
+    ]
+    record = [
+        {**c, **r, "images_per_second_interleaved": s, **({"open": o} if o else {})}
+        for c, r, s, o in zip(configs, results, speeds, open_results or [None] * len(configs))
+    ]
+    record.append({"floors": floors})
+    if open_results:
+        lines += ["", *format_open_table(configs, open_results, floors, args.open_n)]
 
     if args.negative:
         for pipe, config in zip(pipes, configs):

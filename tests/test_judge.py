@@ -43,3 +43,32 @@ def test_shapes_fd_separates_distributions(judge, eval_rows):
     collapsed = [render_attributes(Attributes("small", "red", "circle", "center", "gray"), s) for s in range(200)]
     assert shapes_fd(judge, real, real) == pytest.approx(0.0, abs=1e-6)
     assert shapes_fd(judge, real, same_world) * 5 < shapes_fd(judge, real, collapsed)
+
+
+def test_judge_accepts_vae_reconstructions_and_rejects_defects(judge, eval_rows):
+    """What a perfect latent generator makes is >= 98% accepted and right; images with no single clean shape are not."""
+    from fastgen_diffusers import FastPipeline
+    from fastgen_diffusers.shapes.defects import DEFECT_KINDS, defect_images
+    from fastgen_diffusers.shapes.evaluate import vae_reconstructions
+
+    vae = FastPipeline.from_pretrained("shapes-teacher").vae
+    reconstructions = vae_reconstructions(vae, eval_rows["image"][:200])
+    prompted = [Attributes(**{n: eval_rows[n][i] for n in ATTRIBUTE_NAMES}) for i in range(200)]
+    right = np.mean([p == q for p, q in zip(judge.read(reconstructions), prompted)])
+    assert right >= 0.98, right
+
+    defects = defect_images(20, seed=3)
+    assert set(defects) == set(DEFECT_KINDS)
+    rates = {kind: np.mean([a == Attributes() for a in judge.read(images)]) for kind, images in defects.items()}
+    # Two colours on a small shape and blends of similar colours are the hardest (docs/open-prompts.md).
+    assert min(rates.values()) >= 0.5 and np.mean(list(rates.values())) >= 0.85, rates
+
+
+def test_rejected_image_reads_as_nothing_and_counts_as_wrong(judge):
+    from fastgen_diffusers.shapes.metrics import attribute_adherence
+
+    speckle = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    read = judge.read(speckle)
+    assert read == [Attributes()]
+    assert judge.read(speckle, reject=False)[0].background is not None
+    assert attribute_adherence(read, [Attributes(shape="circle")])["all"] == 0.0

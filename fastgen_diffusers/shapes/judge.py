@@ -1,9 +1,15 @@
-"""The ShapesWorld judge: reads the attributes of an image, and embeds images for a Frechet distance.
+"""The ShapesWorld judge: reads the attributes of an image, rejects images that hold no single clean shape, and
+embeds images for a Frechet distance.
 
 Background, colour, position and size are read analytically (median background, the largest
 blob that differs from it, its colour and bounding box); shape is read by a small CNN trained on
 clean images (`training/train_judge.py`). The CNN is trained on all five attributes, so its
 penultimate layer is a feature space that sees every attribute: that is where `shapes_fd` lives.
+
+The reject answer (`fidelity.fit_drawing`): an image is rejected when no shape stands out, or when more than
+`REJECT_UNEXPLAINED_PIXELS` of its pixels differ strongly from the nearest clean drawing of the shape the CNN
+reads (blends, several shapes, several colours, speckle). A rejected image reads as `Attributes()`: every
+attribute None, so it is wrong for every attribute a prompt names.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from scipy import ndimage
 from torch import nn
 
 from .captions import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES, BACKGROUNDS, COLOURS, POSITIONS, Attributes
+from .fidelity import DrawingFit, fit_drawing
 from .render import GRID_CENTRES, HALF_EXTENTS
 
 
@@ -31,6 +38,10 @@ _GREY_NAMES = tuple(BACKGROUNDS)
 _GREY_LEVELS = np.array([BACKGROUNDS[n] for n in _GREY_NAMES], dtype=np.float32)
 _COLOUR_NAMES = tuple(COLOURS)
 _COLOUR_VALUES = np.array([COLOURS[n] for n in _COLOUR_NAMES], dtype=np.float32)
+# At most this many pixels may differ by more than `fidelity.UNEXPLAINED_LEVEL` from the nearest clean drawing.
+# Chosen above the teacher VAE's reconstructions of real evaluation images (99th percentile 12, maximum 20 of 300;
+# `docs/open-prompts.md`), so that a perfect latent generator is accepted; `tests/test_judge.py` checks >= 98%.
+REJECT_UNEXPLAINED_PIXELS = 20
 
 
 def to_uint8_array(images: list[Image.Image] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -141,12 +152,30 @@ class ShapesJudge:
             outputs.append(fn(chunk))
         return torch.cat(outputs)
 
-    def read(self, images) -> list[Attributes]:
-        """The attributes of each image. Colour, position and size are None when no shape stands out."""
+    def read_shapes(self, images) -> list[str]:
+        """The CNN's shape for each image."""
+        shape_logits = self._batched(to_uint8_array(images), lambda x: self.net(x)["shape"])
+        return [ATTRIBUTE_VALUES["shape"][i] for i in shape_logits.argmax(dim=1).tolist()]
+
+    def inspect(self, images) -> tuple[list[Attributes], list[DrawingFit], list[bool]]:
+        """Per image: the attributes read without rejecting, the nearest clean drawing of its shape, and the reject."""
         array = to_uint8_array(images)
-        shape_logits = self._batched(array, lambda x: self.net(x)["shape"])
-        shapes = [ATTRIBUTE_VALUES["shape"][i] for i in shape_logits.argmax(dim=1).tolist()]
-        return [Attributes(shape=shape, **read_analytic_attributes(image)) for image, shape in zip(array, shapes)]
+        read = [Attributes(shape=shape, **read_analytic_attributes(image)) for image, shape in zip(array, self.read_shapes(array))]
+        fits = [fit_drawing(image, attributes.shape) for image, attributes in zip(array, read)]
+        rejected = [a.colour is None or f.unexplained_pixels > REJECT_UNEXPLAINED_PIXELS for a, f in zip(read, fits)]
+        return read, fits, rejected
+
+    def read(self, images, reject: bool = True) -> list[Attributes]:
+        """The attributes of each image; a rejected image (see the module's docstring) reads as `Attributes()`.
+
+        With `reject=False`, every image gets the CNN's shape and the analytic attributes (colour, position and
+        size None when no shape stands out).
+        """
+        if not reject:
+            array = to_uint8_array(images)
+            return [Attributes(shape=s, **read_analytic_attributes(i)) for i, s in zip(array, self.read_shapes(array))]
+        read, _, rejected = self.inspect(images)
+        return [Attributes() if r else a for a, r in zip(read, rejected)]
 
     def features(self, images) -> np.ndarray:
         """(N, feature_dim) float64 features for the Frechet distance."""
