@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Measure negative prompts instead: colour-free prompts with each colour as negative prompt in turn"
         " ((1 + 8) x --n images; see fastgen_diffusers.shapes.negative_eval).",
     )
+    evaluate.add_argument(
+        "--open",
+        action="store_true",
+        help="Measure open prompts instead: --n partial prompts of several kinds, stated-attribute adherence per kind"
+        " and each open attribute's distance from the data's distribution (see fastgen_diffusers.shapes.open_prompts).",
+    )
     return parser
 
 
@@ -319,7 +325,9 @@ def format_table(model: str, settings: dict[str, Any], result: dict[str, Any]) -
     if held_out:
         lines.append("| held-out pairs | " + " | ".join(f"{held_out[c]:.3f}" for c in columns) + " |")
     lines.append(
-        f"shapes_fd: {result['shapes_fd']:.3f}   brightness error (black/white backgrounds, 0-255): "
+        f"rejected: {result['rejected']:.3f}   fidelity (RMS to the nearest clean drawing): {result['fidelity']:.2f}   "
+        f"drawing_fd: {result['drawing_fd']:.3f}   shapes_fd: {result['shapes_fd']:.3f}   "
+        "brightness error (black/white backgrounds, 0-255): "
         f"{result['brightness_error']:.2f}   images/s: {result['images_per_second']:.2f}"
     )
     return "\n".join(lines)
@@ -336,6 +344,21 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     judge = ShapesJudge.from_pretrained()
     if args.ppap is not None:
         run_ppap_eval(args, guided(pipe), judge, settings, parser)
+        return
+    if args.open and args.negative:
+        parser.error("--open and --negative are two different measurements; give one.")
+    if args.open:
+        from .shapes.evaluate import evaluate_open_prompts
+
+        result = evaluate_open_prompts(
+            pipe, judge, num_prompts=args.n, seed=args.seed, batch_size=args.batch_size, **settings
+        )
+        if args.json:
+            print(json.dumps({"model": args.model, "seed": args.seed, **settings, **result}))
+        else:
+            from .shapes.open_prompts import format_open_prompt_result
+
+            print(f"model: {args.model}   settings: {settings}\n{format_open_prompt_result(result)}")
         return
     if args.negative:
         from .shapes.negative_eval import evaluate_negative_prompts, format_negative_table
