@@ -282,3 +282,26 @@ def test_bad_call_arguments(tiny_sd_components):
         pipe(PROMPT, oms_prompt=["a", "b"])
     with pytest.raises(ValueError, match="no `base_pipeline`"):
         OMSPipeline(oms_model=make_oms_model())(PROMPT)
+
+
+# --- the shipped module -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_shipped_module_serves_the_shapesworld_bases_and_reads_the_background():
+    teacher = FastPipeline.from_pretrained("shapes-teacher", oms="shapes-oms")
+    assert isinstance(teacher, OMSPipeline)
+    assert sum(p.numel() for p in teacher.oms_model.parameters()) < sum(p.numel() for p in teacher.base_pipeline.unet.parameters())
+    snoopi = FastPipeline.from_pretrained("shapes-snoopi", oms="shapes-oms")
+    assert isinstance(snoopi.base_pipeline, OneStepPipeline)
+    with pytest.raises(ValueError, match="pure noise by construction"):
+        FastPipeline.from_pretrained("shapes-instaflow", oms="shapes-oms")
+
+    # its x0 for a black and a white background, decoded: dark and bright
+    prompts = ["a large red circle at the center on a black background", "a large red circle at the center on a white background"]
+    embeds = snoopi.encode_oms_prompt(prompts, "cpu", 1)
+    x0 = -snoopi.oms_model(torch.randn(2, 4, 16, 16, generator=generator()), embeds).sample
+    base = snoopi.base_pipeline
+    images = base.vae.decode(x0 / base.vae.config.scaling_factor).sample
+    black, white = ((images.clamp(-1, 1) + 1) * 127.5)[:, :, 0, 0].mean(dim=1).tolist()  # corner pixel: background
+    assert black < 40 and white > 215
