@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fastgen_diffusers.shapes.tokenizer import build_tokenizer
@@ -77,7 +81,35 @@ def tiny_sd_path(tmp_path_factory):
     """A tiny StableDiffusionPipeline saved in Diffusers layout, as a Hub checkpoint would be."""
     root = tmp_path_factory.mktemp("tiny-sd")
     components = make_tiny_sd_components(root / "tokenizer-files")
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     path = root / "pipeline"
     pipe.save_pretrained(path)
     return path
+
+
+def _save_random_lora(pipe, path):
+    """Save a LoRA with non-zero weights on the UNet's attention projections; return a UNet carrying it."""
+    lora_unet = copy.deepcopy(pipe.unet)
+    lora_unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
+    torch.manual_seed(0)
+    for name, parameter in lora_unet.named_parameters():
+        if "lora_B" in name:  # "gaussian" initialises B to zero, which would be a no-op adapter
+            parameter.normal_(std=0.5)
+    type(pipe).save_lora_weights(
+        path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet)),
+        unet_lora_adapter_metadata=lora_unet.peft_config["default"].to_dict(),
+    )
+    return lora_unet
+
+
+@pytest.fixture
+def save_random_lora():
+    """`save_random_lora(pipe, path)`: a LoRA with non-zero weights saved for `pipe`; returns the UNet carrying it."""
+    return _save_random_lora

@@ -6,7 +6,6 @@ hand-written Euler steps with the UNet evaluated inside `negative_attention(...)
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -15,9 +14,6 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from torch.testing import assert_close
 
 from fastgen_diffusers.attention import (
@@ -224,26 +220,6 @@ def test_from_pipe_shares_components_and_swaps_in_rectified_flow_scheduler(tiny_
     assert type(sd.scheduler).__name__ == "DDIMScheduler"
 
 
-def save_random_lora(pipe, path):
-    """Save a LoRA with non-zero weights on the UNet's attention projections; return a UNet carrying it."""
-    lora_unet = copy.deepcopy(pipe.unet)
-    lora_unet.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
-        )
-    )
-    torch.manual_seed(0)
-    for name, parameter in lora_unet.named_parameters():
-        if "lora_B" in name:  # "gaussian" initialises B to zero, which would be a no-op adapter
-            parameter.normal_(std=0.5)
-    InstaFlowPipeline.save_lora_weights(
-        path,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet)),
-        unet_lora_adapter_metadata=lora_unet.peft_config["default"].to_dict(),
-    )
-    return lora_unet
-
-
 @pytest.mark.parametrize(
     "kwargs, argument",
     [
@@ -360,7 +336,7 @@ def test_nasa_keeps_custom_processors_of_other_layers_and_restores_its_own(pipe)
 
 
 @torch.no_grad()
-def test_nasa_with_lora_weights(pipe, tmp_path):
+def test_nasa_with_lora_weights(save_random_lora, pipe, tmp_path):
     z = noise()
     base_steered = pipe(
         PROMPT, negative_prompt=NEGATIVE_PROMPT, negative_attention={"scale": 1.0}, latents=z, output_type="latent"

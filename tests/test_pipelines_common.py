@@ -8,7 +8,6 @@ in the pipeline's own test file.
 
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -16,9 +15,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from torch.testing import assert_close
 
 from fastgen_diffusers.attention import (
@@ -359,25 +355,11 @@ def test_callback_can_replace_the_negative_embeddings(case):
 
 
 @torch.no_grad()
-def test_load_lora_weights_changes_output_and_its_scale_reaches_the_unet(case, tmp_path):
+def test_load_lora_weights_changes_output_and_its_scale_reaches_the_unet(save_random_lora, case, tmp_path):
     pipe, steps = case
     run = dict(num_inference_steps=steps, output_type="latent")
     base = pipe(PROMPT, generator=generators(1), **run).images
-    lora_unet = copy.deepcopy(pipe.unet)
-    lora_unet.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
-        )
-    )
-    torch.manual_seed(0)
-    for name, parameter in lora_unet.named_parameters():
-        if "lora_B" in name:  # "gaussian" initialises B to zero, which would be a no-op adapter
-            parameter.normal_(std=0.5)
-    type(pipe).save_lora_weights(
-        tmp_path,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_unet)),
-        unet_lora_adapter_metadata=lora_unet.peft_config["default"].to_dict(),
-    )
+    save_random_lora(pipe, tmp_path)
     pipe.load_lora_weights(tmp_path)
     with_lora = pipe(PROMPT, generator=generators(1), **run).images
     lora_off = pipe(PROMPT, generator=generators(1), cross_attention_kwargs={"scale": 0.0}, **run).images
