@@ -25,6 +25,7 @@ import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import yaml
 
@@ -45,7 +46,7 @@ class FakeHub:
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -74,7 +75,11 @@ class FakeHub:
         if m := re.fullmatch(rf"/api/models/{REPO}/revision/(?P<rev>[^/]+)", path):
             if m["repo"] not in self.repos:
                 return 404, {"error": "Repository not found"}
-            return 200, {"id": m["repo"], "sha": "0" * 40, "siblings": [{"rfilename": p} for p in self.repos[m["repo"]]]}
+            return 200, {
+                "id": m["repo"],
+                "sha": "0" * 40,
+                "siblings": [{"rfilename": p} for p in self.repos[m["repo"]]],
+            }
         if method == "POST" and (m := re.fullmatch(rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", path)):
             if m["repo"] not in self.repos:
                 return 404, {"error": "Repository not found"}

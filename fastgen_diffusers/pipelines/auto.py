@@ -18,6 +18,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
 from .. import assets
+from ..utils.safe_loading import check_weight_files
 
 # `_class_name` in model_index.json -> "module:Class" of the pipeline that loads it.
 PIPELINE_CLASSES: dict[str, str] = {
@@ -75,11 +76,22 @@ class FastPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, oms: str | os.PathLike | None = None, **kwargs
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        oms: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        **kwargs,
     ) -> DiffusionPipeline:
         """The checkpoint's pipeline; with `oms` (a One More Step module: embedded name, folder or Hub id), an
-        `OMSPipeline` that runs the module in front of it."""
+        `OMSPipeline` that runs the module in front of it.
+
+        Weights load from safetensors only: a pickle (`.bin`, `.ckpt`) runs any code it holds when loaded, so one is
+        read only with `allow_pickle=True` (Diffusers' fallback where a component has no safetensors file) or
+        Diffusers' `use_safetensors=False`. A truncated or corrupted local weights file raises a `ValueError`
+        naming it."""
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         location = resolve_model_location(pretrained_model_name_or_path)
+        check_weight_files(location, allow_pickle=kwargs["use_safetensors"] is not True)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         pipeline_class = pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
         pipe = pipeline_class.from_pretrained(location, **kwargs)
@@ -87,7 +99,10 @@ class FastPipeline:
             return pipe
         from .oms import OMSPipeline
 
-        oms_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype", "token", "cache_dir") if k in kwargs}
+        oms_kwargs = {
+            k: kwargs[k] for k in ("dtype", "torch_dtype", "token", "cache_dir", "use_safetensors") if k in kwargs
+        }
+        check_weight_files(resolve_model_location(oms), allow_pickle=kwargs["use_safetensors"] is not True)
         return OMSPipeline.from_pretrained(resolve_model_location(oms), base_pipeline=pipe, **oms_kwargs)
 
 

@@ -15,6 +15,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from ..utils.safe_loading import check_weight_files
+
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -42,15 +44,21 @@ def resolve_resume_path(output_dir: str | Path, resume_from_checkpoint: str | No
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        path = Path(output_dir) / resume_from_checkpoint
-    if not path.is_dir():
-        raise ValueError(
-            f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint folder."
-        )
-    checkpoint_step(path)
+        if not checkpoints:
+            return None
+        path = checkpoints[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(output_dir) / resume_from_checkpoint
+        if not path.is_dir():
+            raise ValueError(
+                f"`resume_from_checkpoint` {resume_from_checkpoint!r} is neither 'latest' nor a checkpoint folder."
+            )
+        checkpoint_step(path)
+    # Every file whole, or a ValueError naming the damaged one. Accelerate's optimizer, sampler and RNG states are
+    # pickles: trusted as this job's own output (never resume from a checkpoint of unknown origin).
+    check_weight_files(path, allow_pickle=True)
     return path
 
 

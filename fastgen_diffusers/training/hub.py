@@ -47,7 +47,9 @@ def training_command() -> str:
 
 def upload_command(output_dir: str | Path, hub_model_id: str) -> str:
     """The command that uploads a finished output folder again, alone (this module's entry point)."""
-    return shlex.join(["python", "-m", "fastgen_diffusers.training.hub", str(output_dir), "--hub_model_id", hub_model_id])
+    return shlex.join(
+        ["python", "-m", "fastgen_diffusers.training.hub", str(output_dir), "--hub_model_id", hub_model_id]
+    )
 
 
 def hub_base_model(name_or_path: str) -> str | None:
@@ -114,7 +116,9 @@ def push_folder_to_hub(output_dir: str | Path, hub_model_id: str, token: str | N
         )
     # Hub answers, offline mode, connection errors, bad replies; a failed LFS transfer is a RuntimeError.
     except (OSError, ValueError, RuntimeError, httpx2.HTTPError) as error:
-        raise HubUploadError(f"Uploading {output_dir} to the Hub as {hub_model_id!r} failed: {error}\n{retry}") from error
+        raise HubUploadError(
+            f"Uploading {output_dir} to the Hub as {hub_model_id!r} failed: {error}\n{retry}"
+        ) from error
     return repo_id
 
 
@@ -145,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     """Upload a finished output folder alone, e.g. after the upload at the end of training failed."""
     parser = argparse.ArgumentParser(prog="python -m fastgen_diffusers.training.hub", description=main.__doc__)
     parser.add_argument("output_dir", help="A training script's `--output_dir`, with its model and README.md.")
-    parser.add_argument("--hub_model_id", default=None, help="Repository id, e.g. `user/shapes-teacher` (default: the folder's name).")
+    parser.add_argument(
+        "--hub_model_id", default=None, help="Repository id, e.g. `user/shapes-teacher` (default: the folder's name)."
+    )
     parser.add_argument("--hub_token", default=None, help="Default: `HF_TOKEN` or the token of `hf auth login`.")
     args = parser.parse_args(argv)
     if not (Path(args.output_dir) / "README.md").is_file():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from ..utils.safe_loading import check_parquet
 from .data import tokenize
 
 PAIRS_CONFIG_FILE = "reflow_pairs.json"  # everything that decides a pair's content, beside the shards
@@ -204,6 +205,8 @@ def load_pairs(pairs_dir: str | Path, cache_dir: str | None = None) -> datasets.
     if not shards:
         raise ValueError(f"`pairs_dir` {str(pairs_dir)!r} holds no complete shard ({SHARD_NAME.format(0)}, ...).")
     files = [str(shard_path(pairs_dir, shard)) for shard in shards]
+    for file in files:  # a damaged shard is named here, not deep inside datasets' Arrow conversion
+        check_parquet(Path(file))
     return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
 
 
