@@ -79,12 +79,14 @@ def make_tiny_teacher(root: Path) -> Path:
 
 
 def make_pairs(teacher: Path, out: Path) -> Path:
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, str(REPO / "training" / "generate_reflow_pairs.py"), "--pretrained_model_name_or_path",
          str(teacher), "--output_dir", str(out), "--num_pairs", "8", "--shard_size", "4", "--batch_size", "4",
          "--num_inference_steps", "2", "--shapesworld_prompts", "8"],
-        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"generate_reflow_pairs.py failed:\n{result.stderr[-3000:]}")
     return out
 
 
