@@ -305,3 +305,22 @@ def test_shipped_module_serves_the_shapesworld_bases_and_reads_the_background():
     images = base.vae.decode(x0 / base.vae.config.scaling_factor).sample
     black, white = ((images.clamp(-1, 1) + 1) * 127.5)[:, :, 0, 0].mean(dim=1).tolist()  # corner pixel: background
     assert black < 40 and white > 215
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_with_oms_and_oms_prompt(tiny_sd_path, tmp_path, capsys):
+    from fastgen_diffusers.cli import main
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    oms_pipe(base).save_pretrained(tmp_path / "oms")
+    out = tmp_path / "out"
+    main(["generate", "--model", str(tiny_sd_path), "--oms", str(tmp_path / "oms"), "--oms-prompt", "a white background",
+          "--oms-guidance-scale", "2", "--prompt", "a red circle", "--steps", "2", "--num-images", "2", "--out", str(out)])  # fmt: skip
+    records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["oms_prompt"] == "a white background" for r in records)
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_sd_path), "--oms-prompt", "x", "--prompt", "x", "--out", str(out)])
+    assert "need --oms" in capsys.readouterr().err
