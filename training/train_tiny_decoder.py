@@ -189,11 +189,6 @@ def decoder_error(vae: AutoencoderKL, tiny: AutoencoderTiny, pixels: torch.Tenso
     }
 
 
-def hub_id_or_none(name: str) -> str | None:
-    """`name` if it is a Hub repository id (not a local folder or an embedded model), for the card's metadata."""
-    return name if name.count("/") == 1 and not Path(name).exists() else None
-
-
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in array]
@@ -293,7 +288,7 @@ def finish(args: argparse.Namespace, vae: AutoencoderKL, tiny: AutoencoderTiny, 
             "command": commands,
         },
         tags=["autoencoder", "tiny-autoencoder", "taesd"],
-        base_model=hub_id_or_none(args.pretrained_model_name_or_path),
+        base_model=hub_base_model(args.pretrained_model_name_or_path),
     )
     if args.push_to_hub:
         push_to_hub_or_exit(args)
