@@ -27,6 +27,7 @@ import inspect
 from typing import Any
 
 import torch
+from diffusers import AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import logging, replace_example_docstring
@@ -34,7 +35,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ...models.oms import OMSModel, predicted_original_sample
-
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -184,10 +184,13 @@ class OMSPipeline(DiffusionPipeline):
         unet_channels, vae_channels = base.unet.config.in_channels, base.vae.config.latent_channels
         base_scale = base.vae.config.scaling_factor
         module_channels, module_scale = self.config.latent_channels, self.config.vae_scaling_factor
+        # A tiny decoder (TAESD's AutoencoderTiny) reads the already scaled latents and says scaling_factor 1.0 by
+        # convention: it decodes the base's latent space without naming it, so only the channels can be compared.
+        compare_scale = module_scale is not None and not isinstance(base.vae, AutoencoderTiny)
         if (
             module_channels != vae_channels
             or module_channels != unet_channels
-            or (module_scale is not None and abs(module_scale - base_scale) > 1e-4 * abs(module_scale))
+            or (compare_scale and abs(module_scale - base_scale) > 1e-4 * abs(module_scale))
         ):
             raise ValueError(
                 "The OMS module and `base_pipeline` live in different latent spaces: the module was trained on"
