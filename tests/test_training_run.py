@@ -1,5 +1,6 @@
 """The pieces every training script shares: per-process seeding, model cards, validation grids, Hub ids."""
 
+import argparse
 import json
 import textwrap
 
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 from test_training_scripts import accelerate_launch
 
+from fastgen_diffusers.training import run
 from fastgen_diffusers.training.hub import hub_base_model, save_model_card
 from fastgen_diffusers.training.validation import save_image_grid
 
@@ -67,3 +69,8 @@ def test_hub_base_model_only_for_hub_ids(tmp_path):
     assert hub_base_model("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     assert hub_base_model("shapes-teacher") is None  # an embedded model
     assert hub_base_model(str(tmp_path)) is None  # a folder
+
+
+def test_the_hub_token_is_never_recorded_in_the_run_folder(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), hub_token="hf_secret", seed=0, learning_rate=1e-4)
+    assert run.recorded_args(args) == {"output_dir": str(tmp_path), "seed": 0, "learning_rate": 1e-4}

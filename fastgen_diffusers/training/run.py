@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,9 @@ logger = get_logger(__name__, log_level="INFO")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# Arguments never written to a run folder or a tracker: a folder may be uploaded, a tracker is often public.
+SECRET_ARGUMENTS = ("hub_token",)
+
 def start_run(args: argparse.Namespace) -> Accelerator:
     """The `Accelerator` for a run, with the seed set and the arguments and command line recorded.
 
@@ -51,10 +55,17 @@ def start_run(args: argparse.Namespace) -> Accelerator:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+        args_file = output_dir / "training_args.json"
+        args_file.with_name(args_file.name + ".partial").write_text(json.dumps(recorded_args(args), indent=2))
+        os.replace(args_file.with_name(args_file.name + ".partial"), args_file)
         with open(output_dir / "training_commands.txt", "a") as log:
             log.write(training_command() + "\n")
     return accelerator
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+    """The run's arguments as they are written to `training_args.json` and the trackers: all but the Hub token."""
+    return {key: value for key, value in vars(args).items() if key not in SECRET_ARGUMENTS}
 
 
 def resume_or_seed(accelerator: Accelerator, args: argparse.Namespace, tracker_name: str) -> int:
@@ -73,7 +84,7 @@ def resume_or_seed(accelerator: Accelerator, args: argparse.Namespace, tracker_n
         accelerator.load_state(str(resume_path))
         global_step = checkpoint_step(resume_path)
     if accelerator.is_main_process:
-        config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        config = {key: value for key, value in recorded_args(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers(tracker_name, config=config)
     return global_step
 
