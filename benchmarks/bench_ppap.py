@@ -12,7 +12,9 @@ sampling time with guidance over the time without, timed interleaved in this run
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--scale", type=float, default=1.0, help="Guidance scale of every guided method.")
     parser.add_argument("--grad-rms", type=float, default=None, help="Rescale each gradient to this RMS first.")
-    parser.add_argument("--timing-reps", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=None, help="Only these rows (e.g. 'no guidance' PPAP).")
+    parser.add_argument("--timing-reps", type=int, default=3, help="0 skips the cost measurement.")
+    parser.add_argument("--timing-batch-size", type=int, default=None, help="Default: --batch-size.")
     parser.add_argument("--figure", type=Path, default=None, help="A PNG grid: one row per method, 2 images per target.")
     parser.add_argument("--out", type=Path, default=None, help="Default: results/ppap_<model>_<seed>.md")
     return parser.parse_args()
@@ -58,13 +62,14 @@ def guidance_for_method(method: str | None, ppap_dir: Path, task: str, pipe, cac
     """`target -> guidance_fn` for one method, or None for no guidance."""
     if method is None:
         return None
-    if method not in cache:
+    key = (method, task)
+    if key not in cache:
         if method == "naive":
             guide = PPAPGuidance.from_pretrained(ppap_dir / ("classifier" if task == "classification" else "regressor"))
-            cache[method] = DecodedGuide(guide.guide, pipe.vae, guide.task, guide.labels)
+            cache[key] = DecodedGuide(guide.guide, pipe.vae, guide.task, guide.labels)
         else:
-            cache[method] = PPAPGuidance.from_pretrained(ppap_dir / method)
-    return cache[method]
+            cache[key] = PPAPGuidance.from_pretrained(ppap_dir / method)
+    return cache[key]
 
 
 def time_interleaved(pipe, fns: dict, prompts: list[str], reps: int, **call_kwargs) -> dict[str, float]:
@@ -100,13 +105,14 @@ def main() -> None:
     guide_kwargs = {"scale": args.scale, "grad_rms": args.grad_rms}
 
     lines = [f"# PPAP on ShapesWorld: {args.model}", "",
-             f"`python benchmarks/bench_ppap.py --model {args.model} --n {args.n} --seed {args.seed} --scale {args.scale}"
-             f"{f' --grad-rms {args.grad_rms}' if args.grad_rms else ''}`; sampler {call_kwargs}.", ""]  # fmt: skip
+             f"`python {shlex.join(sys.argv)}`; sampler {call_kwargs}; n = {args.n} prompts per method, seed {args.seed}.",
+             ""]  # fmt: skip
     record = {"model": args.model, "seed": args.seed, "n": args.n, "call": call_kwargs, **guide_kwargs, "tasks": {}}
     figure_rows = {}
     cache: dict = {}
     for task in tasks:
         methods = CLASSIFIER_METHODS if task == "classification" else REGRESSOR_METHODS
+        methods = {k: v for k, v in methods.items() if args.methods is None or k in args.methods}
         attribute = "shape" if task == "classification" else "position"
         rows = {}
         for name, method in methods.items():
@@ -114,7 +120,8 @@ def main() -> None:
             guidance_for = None if guidance is None else (lambda target, g=guidance: bind_target(g, task, target, **guide_kwargs))
             result = evaluate_guided(pipe, judge, task, guidance_for, args.n, args.seed, args.batch_size, **call_kwargs)
             per_target = len(result["images"]) // len(targets_for(task))
-            figure_rows[f"{task}: {name}"] = [result["images"][k * per_target + j] for k in range(len(targets_for(task))) for j in range(2)]
+            shown = min(2, per_target)
+            figure_rows[f"{task}: {name}"] = [result["images"][k * per_target + j] for k in range(len(targets_for(task))) for j in range(shown)]
             rows[name] = {k: v for k, v in result.items() if k not in ("images", "targets")}
             print(name, rows[name], flush=True)
         record["tasks"][task] = rows
@@ -128,20 +135,21 @@ def main() -> None:
             lines.append(f"| {name} | {row['target_rate']:.3f} | " + " | ".join(cells) + f" | {row['images_per_second']:.1f} |")
         lines.append("")
 
-    # Cost: one batch, the three ways, interleaved.
-    prompts = [p.caption for p in evaluation_prompts(args.batch_size, seed=args.seed)]
-    fns = {"no guidance": None}
-    for name, method in CLASSIFIER_METHODS.items():
-        if method in ("naive", "classifier"):
-            guidance = guidance_for_method(method, ppap_dir, "classification", pipe, cache)
-            fns[name] = bind_target(guidance, "classification", "triangle", **guide_kwargs)
-    seconds = time_interleaved(pipe, fns, prompts, args.timing_reps, **call_kwargs)
-    record["seconds_per_batch"] = seconds
-    lines += [f"## Cost (batch of {args.batch_size}, median of {args.timing_reps} interleaved runs)", "",
-              "| method | time / unguided |", "|---|---|"]  # fmt: skip
-    lines += [f"| {name} | {seconds[name] / seconds['no guidance']:.2f}x |" for name in seconds]
+    if args.timing_reps > 0:  # cost: one batch, unguided, naive and PPAP, interleaved
+        batch_size = args.timing_batch_size or args.batch_size
+        prompts = [p.caption for p in evaluation_prompts(batch_size, seed=args.seed)]
+        fns = {"no guidance": None}
+        for name, method in CLASSIFIER_METHODS.items():
+            if method in ("naive", "classifier"):
+                guidance = guidance_for_method(method, ppap_dir, "classification", pipe, cache)
+                fns[name] = bind_target(guidance, "classification", "triangle", **guide_kwargs)
+        seconds = time_interleaved(pipe, fns, prompts, args.timing_reps, **call_kwargs)
+        record["seconds_per_batch"] = seconds
+        lines += [f"## Cost (batch of {batch_size}, median of {args.timing_reps} interleaved runs)", "",
+                  "| method | time / unguided |", "|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {seconds[name] / seconds['no guidance']:.2f}x |" for name in seconds]
 
-    out = args.out or RESULTS / f"ppap_{Path(args.model).name}_seed{args.seed}.md"
+    out = args.out or RESULTS / f"ppap_{Path(args.model).name}_{args.task}_seed{args.seed}.md"
     write_report(out, lines, record)
     if args.figure is not None:
         args.figure.parent.mkdir(parents=True, exist_ok=True)

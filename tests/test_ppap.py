@@ -242,3 +242,32 @@ def test_warm_start_copies_the_previous_expert():
     assert not torch.allclose(guidance.predict(latents, 6.0), guidance.predict(latents, -5.0))
     script.carry_over(guidance, 0, 1)
     torch.testing.assert_close(guidance.predict(latents, 6.0), guidance.predict(latents, -5.0))
+
+
+# ---- the shipped asset and the command line ----
+
+
+def test_shipped_asset_loads_with_adapters_only():
+    for name, task in (("classifier", "classification"), ("classifier-single-expert", "classification"),
+                       ("regressor", "regression")):  # fmt: skip
+        guidance = PPAPGuidance.from_pretrained("shapes-ppap", subfolder=name)
+        assert guidance.task == task and guidance.default_grad_rms == 1.0
+        counts = guidance.parameter_counts()
+        assert counts["per_expert"] < 0.1 * counts["guide"]
+        with torch.no_grad():
+            assert guidance.predict(torch.randn(2, 4, 16, 16), 0.0).shape == (2, len(guidance.labels))
+
+
+def test_cli_generates_with_ppap_and_rejects_a_bad_class(tmp_path):
+    from fastgen_diffusers.cli import main
+
+    out = tmp_path / "out"
+    main(["generate", "--model", "shapes-2rf", "--ppap", "shapes-ppap", "--guide-class", "triangle", "--steps", "2",
+          "--prompt", "a red on a white background", "--out", str(out)])  # fmt: skip
+    record = json.loads((out / "index.jsonl").read_text().splitlines()[0])
+    assert record["guide_class"] == "triangle" and (out / "00000.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "shapes-2rf", "--ppap", "shapes-ppap", "--guide-class", "hexagon",
+              "--prompt", "a red", "--out", str(out)])  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "shapes-2rf", "--guide-class", "triangle", "--prompt", "a red", "--out", str(out)])
