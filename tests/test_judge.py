@@ -54,12 +54,12 @@ def test_judge_accepts_vae_reconstructions_and_rejects_defects(judge, eval_rows)
     vae = FastPipeline.from_pretrained("shapes-teacher").vae
     reconstructions = vae_reconstructions(vae, eval_rows["image"][:200])
     prompted = [Attributes(**{n: eval_rows[n][i] for n in ATTRIBUTE_NAMES}) for i in range(200)]
-    right = np.mean([p == q for p, q in zip(judge.read(reconstructions), prompted)])
+    right = np.mean([p == q for p, q in zip(judge.read(reconstructions, reject=True), prompted)])
     assert right >= 0.98, right
 
     defects = defect_images(20, seed=3)
     assert set(defects) == set(DEFECT_KINDS)
-    rates = {kind: np.mean([a == Attributes() for a in judge.read(images)]) for kind, images in defects.items()}
+    rates = {kind: np.mean([a == Attributes() for a in judge.read(images, reject=True)]) for kind, images in defects.items()}
     # Two colours on a small shape and blends of similar colours are the hardest (docs/open-prompts.md).
     assert min(rates.values()) >= 0.5 and np.mean(list(rates.values())) >= 0.85, rates
 
@@ -68,7 +68,7 @@ def test_rejected_image_reads_as_nothing_and_counts_as_wrong(judge):
     from fastgen_diffusers.shapes.metrics import attribute_adherence
 
     speckle = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
-    read = judge.read(speckle)
+    read = judge.read(speckle, reject=True)
     assert read == [Attributes()]
-    assert judge.read(speckle, reject=False)[0].background is not None
+    assert judge.read(speckle)[0].background is not None
     assert attribute_adherence(read, [Attributes(shape="circle")])["all"] == 0.0

@@ -9,7 +9,7 @@ penultimate layer is a feature space that sees every attribute: that is where `s
 The reject answer (`fidelity.fit_drawing`): an image is rejected when no shape stands out, or when more than
 `REJECT_UNEXPLAINED_PIXELS` of its pixels differ strongly from the nearest clean drawing of the shape the CNN
 reads (blends, several shapes, several colours, speckle). A rejected image reads as `Attributes()`: every
-attribute None, so it is wrong for every attribute a prompt names.
+attribute None, so it is wrong for every attribute a prompt names (`read(images, reject=True)`, `inspect`).
 """
 
 from __future__ import annotations
@@ -165,11 +165,13 @@ class ShapesJudge:
         rejected = [a.colour is None or f.unexplained_pixels > REJECT_UNEXPLAINED_PIXELS for a, f in zip(read, fits)]
         return read, fits, rejected
 
-    def read(self, images, reject: bool = True) -> list[Attributes]:
-        """The attributes of each image; a rejected image (see the module's docstring) reads as `Attributes()`.
+    def read(self, images, reject: bool = False) -> list[Attributes]:
+        """The attributes of each image: the CNN's shape and the analytic attributes (colour, position and size None
+        when no shape stands out).
 
-        With `reject=False`, every image gets the CNN's shape and the analytic attributes (colour, position and
-        size None when no shape stands out).
+        With `reject=True`, a rejected image (see the module's docstring) reads as `Attributes()`, as in the
+        evaluation (`evaluate.judged`). The default keeps the reading every image gets an answer from, which
+        callers that only need one attribute (and the negative-prompt measurement) rely on.
         """
         if not reject:
             array = to_uint8_array(images)
