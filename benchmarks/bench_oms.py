@@ -88,7 +88,7 @@ def control_row(pipe, judge, n: int, seed: int, batch_size: int, settings: dict,
     named = [p.attributes.background for p in prompts]
     follows = [q.background == b for q, b in zip(predicted, named)]
     levels = list(BACKGROUNDS)
-    within_one = [abs(levels.index(q.background) - levels.index(b)) <= 1 for q, b in zip(predicted, named)]
+    within_one = [q.background in levels and abs(levels.index(q.background) - levels.index(b)) <= 1 for q, b in zip(predicted, named)]
     rest = attribute_adherence(predicted, [dataclasses.replace(p.attributes, background=None) for p in prompts])
     return {
         "follows_named_background": float(np.mean(follows)),
