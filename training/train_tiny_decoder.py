@@ -35,7 +35,7 @@ from fastgen_diffusers.pipelines.auto import resolve_model_location
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import images_to_tensor
-from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
+from fastgen_diffusers.training.hub import hub_base_model, push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.run import resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
 
