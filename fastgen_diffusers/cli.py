@@ -179,12 +179,17 @@ def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def load_ppap(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The `PPAPGuidance` named by `--ppap`: a collection's classifier/ (with `--guide-class`, and in eval by default)
-    or regressor/ (with `--guide-target`), or a single saved PPAPGuidance folder."""
+    or regressor/ (with `--guide-target`), a member named outright (`shapes-ppap/regressor`), or a saved
+    PPAPGuidance folder."""
     from .guidance import PPAPGuidance
 
     if args.guide_class is not None and args.guide_target is not None:
         parser.error("Give --guide-class (a classifier guide) or --guide-target (a regressor guide), not both.")
-    location = Path(resolve_model_location(args.ppap))
+    asset, _, member = args.ppap.partition("/")
+    if member and asset in assets.names():
+        location = assets.path(asset) / member
+    else:
+        location = Path(resolve_model_location(args.ppap))
     subfolder = None
     if not (location / "ppap_config.json").is_file():
         subfolder = "regressor" if args.guide_target is not None else "classifier"
@@ -410,6 +415,8 @@ def run_ppap_eval(args: argparse.Namespace, pipe, judge, settings: dict[str, Any
     print("|---" * (len(stated) + 2) + "|")
     for name, row in rows.items():
         print(f"| {name} | {row['target_rate']:.3f} | " + " | ".join(f"{row['stated'][s]:.3f}" for s in stated) + " |")
+    if guidance.task == "regression":
+        print("centre error (px): " + ", ".join(f"{name} {row['centre_error_px']:.2f}" for name, row in rows.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

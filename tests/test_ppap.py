@@ -271,3 +271,11 @@ def test_cli_generates_with_ppap_and_rejects_a_bad_class(tmp_path):
               "--prompt", "a red", "--out", str(out)])  # fmt: skip
     with pytest.raises(SystemExit):
         main(["generate", "--model", "shapes-2rf", "--guide-class", "triangle", "--prompt", "a red", "--out", str(out)])
+
+
+def test_cli_eval_ppap_prints_the_guided_table(capsys):
+    from fastgen_diffusers.cli import main
+
+    main(["eval", "--model", "shapes-2rf", "--ppap", "shapes-ppap/regressor", "--n", "4", "--steps", "1"])
+    printed = capsys.readouterr().out
+    assert "| no guidance |" in printed and "| PPAP |" in printed and "centre error (px)" in printed
