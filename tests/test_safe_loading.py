@@ -125,14 +125,7 @@ def saved_ppap(folder: Path) -> Path:
     "weights",
     [
         "guide/diffusion_pytorch_model.safetensors",
-        pytest.param(
-            "experts/expert_1/adapter_model.safetensors",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="peft's SafetensorError does not name the file: PPAPGuidance.from_pretrained "
-                "(fastgen_diffusers/guidance/ppap.py) should call utils.safe_loading.check_weight_files(path) first",
-            ),
-        ),
+        "experts/expert_1/adapter_model.safetensors",
     ],
 )
 def test_damaged_ppap_guidance_is_named(tmp_path, weights, how):

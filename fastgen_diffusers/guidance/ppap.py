@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..models.ppap import EXPERT_FULLY_TRAINED, EXPERT_LORA_TARGETS, PPAPGuideNet
+from ..utils.safe_loading import check_weight_files
 from .conversions import (
     expert_index,
     guide_epsilon,
@@ -40,7 +41,6 @@ from .conversions import (
     vp_coefficients,
     vp_log_snr,
 )
-
 
 TASKS = ("classification", "regression")
 CONFIG_NAME = "ppap_config.json"
@@ -254,8 +254,9 @@ class PPAPGuidance:
         path = path / subfolder if subfolder else path
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"`path` {str(path)!r} holds no {CONFIG_NAME}: not a saved PPAPGuidance.")
+        check_weight_files(path)  # a damaged guide or expert is named, and no pickle is loaded
         config = json.loads((path / CONFIG_NAME).read_text())
-        guide = PPAPGuideNet.from_pretrained(str(path / "guide"), torch_dtype=torch.float32)
+        guide = PPAPGuideNet.from_pretrained(str(path / "guide"), torch_dtype=torch.float32, use_safetensors=True)
         backbone = PPAPGuideNet.latent_input_from(guide, config["latent_channels"]).requires_grad_(False)
         names = [expert_name(i) for i in range(len(config["log_snr_edges"]) - 1)]
         experts = PeftModel.from_pretrained(backbone, str(path / "experts" / names[0]), adapter_name=names[0])
