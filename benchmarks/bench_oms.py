@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from report import write_report
 
 from fastgen_diffusers import FastPipeline
@@ -40,7 +41,9 @@ from fastgen_diffusers.shapes import evaluation_prompts
 from fastgen_diffusers.shapes.captions import BACKGROUNDS, make_caption
 from fastgen_diffusers.shapes.evaluate import evaluate_pipeline, image_generator
 from fastgen_diffusers.shapes.judge import ShapesJudge
-from fastgen_diffusers.shapes.metrics import attribute_adherence
+from fastgen_diffusers.shapes.metrics import attribute_adherence, brightness_error
+from fastgen_diffusers.shapes.render import render_attributes
+from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.validation import save_image_grid
 
 BASES = ("shapes-teacher", "shapes-snoopi")
@@ -98,14 +101,26 @@ def control_row(pipe, judge, n: int, seed: int, batch_size: int, settings: dict,
     }
 
 
-def cost_row(base, oms_pipe, settings: dict, batch: int, repeats: int) -> dict[str, Any]:
+@torch.no_grad()
+def vae_floor_row(n: int, seed: int) -> dict[str, Any]:
+    """Brightness error of real images and of their VAE reconstructions: what decoding alone costs, OMS or not."""
+    vae = AutoencoderKL.from_pretrained(resolve_model_location("shapes-teacher"), subfolder="vae")
+    prompts = [p for p in evaluation_prompts(n, seed=seed) if p.attributes.background in ("black", "white")]
+    real = [render_attributes(p.attributes, p.seed) for p in prompts]
+    decoded = (vae.decode(vae.encode(images_to_tensor(real)).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    attributes = [p.attributes for p in prompts]
+    return {"real": brightness_error(real, attributes), "vae_reconstruction": brightness_error(decoded, attributes),
+            "images": len(prompts)}  # fmt: skip
+
+
+def cost_row(base, oms_pipe, settings: dict, oms_settings: dict, batch: int, repeats: int) -> dict[str, Any]:
     """Seconds per batch with and without OMS, interleaved (after one warm-up round), and their median ratio."""
     prompts = [p.caption for p in evaluation_prompts(batch, seed=1)]
     without, with_oms = [], []
     for round_index in range(repeats + 1):
-        for pipe, seconds in ((base, without), (oms_pipe, with_oms)):
+        for pipe, seconds, extra in ((base, without, {}), (oms_pipe, with_oms, oms_settings)):
             start = time.perf_counter()
-            generate(pipe, prompts, round_index, batch, None, **settings)
+            generate(pipe, prompts, round_index, batch, None, **settings, **extra)
             if round_index > 0:
                 seconds.append(time.perf_counter() - start)
     ratios = [w / b for w, b in zip(with_oms, without)]
@@ -198,8 +213,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--speed-batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--stages", nargs="+", default=["quality", "control", "cost"],
-                        choices=["quality", "control", "cost", "figures"])  # fmt: skip
+    parser.add_argument("--stages", nargs="*", default=["quality", "control", "cost"],
+                        choices=["quality", "control", "cost", "figures", "floor"])  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["none", "oms"], choices=["none", "oms"],
                         help="Rows to measure now: without OMS, with it (cost and figures need 'oms').")  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/results/oms_rows.json"))
@@ -218,7 +233,7 @@ def main() -> None:
     tag = f"{args.oms}|cfg{args.oms_guidance_scale}"
     with_oms = "oms" in args.variants
     off = {"oms": False} if with_oms else {}  # the base alone (OMS off runs exactly the base)
-    for model in args.bases:
+    for model in args.bases if args.stages else []:  # no stages: only the table
         settings = default_settings(model)
         seeds, n, control_n, speed_batch = plan(args, model)
         pipe = load(model, args.oms if with_oms else None)
@@ -239,11 +254,13 @@ def main() -> None:
                                               {**settings, **oms_settings}, with_oms=True))
         if "cost" in args.stages and with_oms:
             cache.get(f"cost|{model}|{tag}|{speed_batch}|{args.repeats}",
-                      lambda: cost_row(pipe.base_pipeline, pipe, {**settings, **oms_settings}, speed_batch, args.repeats))
+                      lambda: cost_row(pipe.base_pipeline, pipe, settings, oms_settings, speed_batch, args.repeats))
+    if "floor" in args.stages:
+        cache.get(f"floor|{args.n}", lambda: vae_floor_row(args.n, 0))
     if "figures" in args.stages and with_oms:
         make_figures(args.oms, args.figures_dir, args.oms_guidance_scale)
     if not args.no_table:
-        for other in args.merge:
+        for other in [m for m in args.merge if m.is_file()]:
             cache.rows = {**json.loads(other.read_text()), **cache.rows}
         write_table(args, cache, tag)
 
@@ -269,6 +286,12 @@ def write_table(args, cache: Cache, tag: str) -> None:
             cells += [spread([r["adherence"][a] for r in found], 3) for a in ATTRIBUTES]
             cells += [spread([r["shapes_fd"] for r in found], 1)]
             lines.append(f"| {model} | {'with' if variant != 'none' else 'without'} | " + " | ".join(cells) + " |")
+    floor = rows.get(f"floor|{args.n}")
+    if floor is not None:
+        record["rows"]["floor"] = floor
+        lines += ["", f"Floor: on the {floor['images']} black/white prompts among {args.n}, real images score"
+                  f" {floor['real']:.2f} and their reconstructions by the shared VAE {floor['vae_reconstruction']:.2f}"
+                  " grey levels: decoding alone costs that much, with or without OMS."]
     lines += [
         "",
         "Control: evaluation prompts with the background phrase removed; with OMS, the full caption (naming the"
@@ -294,17 +317,17 @@ def write_table(args, cache: Cache, tag: str) -> None:
     lines += ["", "| base | images per batch | seconds per batch without OMS | with OMS | ratio (median of rounds) | range |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for model in BASES:
-        _, _, _, speed_batch = plan(args, model)
-        row = rows.get(f"cost|{model}|{tag}|{speed_batch}|{args.repeats}")
-        if row is None:
+        found = [r for k, r in rows.items() if k.startswith(f"cost|{model}|{tag}|")]  # any batch and repeats
+        if not found:
             continue
+        row = found[-1]
         record["rows"][f"cost|{model}"] = row
         lines.append(
-            f"| {model} | {speed_batch} | {statistics.median(row['seconds_without']):.3f} |"
+            f"| {model} | {row['batch']} ({row['repeats']} rounds) | {statistics.median(row['seconds_without']):.3f} |"
             f" {statistics.median(row['seconds_with']):.3f} | {row['ratio_median']:.3f}x |"
             f" {row['ratio_min']:.3f}-{row['ratio_max']:.3f} |"
         )
-    lines.append(f"\nCost: {args.repeats} interleaved rounds after a warm-up, the full pipeline call (text encoding,"
+    lines.append("\nCost: interleaved rounds after a warm-up, the full pipeline call (text encoding,"
                  " sampling, decode) with and without OMS, on this machine's CPU (shared with other jobs).")
     write_report(args.out, lines, record)
 
