@@ -185,10 +185,15 @@ def load_tiny_decoder(size: str, name_or_path: str, device: str, dtype: torch.dt
     return tiny.to(device).eval()
 
 
-def shapes_rows(batch: int, device: str, dtype: torch.dtype, tiny: AutoencoderTiny) -> tuple[list[Row], dict]:
+SHAPES_MODELS = ("shapes-teacher", "shapes-2rf", "shapes-instaflow", "shapes-snoopi")
+
+
+def shapes_rows(
+    batch: int, device: str, dtype: torch.dtype, tiny: AutoencoderTiny, models: list[str] = SHAPES_MODELS
+) -> tuple[list[Row], dict]:
     prompts = [PROMPT] * batch
     rows, pipes = [], {}
-    for name in ("shapes-teacher", "shapes-2rf", "shapes-instaflow", "shapes-snoopi"):
+    for name in models:
         pipe, steps, guidance = load_shapes(name, device, dtype)
         pipes[name] = pipe
         kwargs = {"prompt": prompts, "num_inference_steps": steps, "guidance_scale": guidance}
@@ -571,6 +576,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["shapes"], choices=["shapes", "sd15-256", "sd15-512"])
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="None: skip the main table.")
+    parser.add_argument(
+        "--shapes-models",
+        nargs="+",
+        default=list(SHAPES_MODELS),
+        choices=SHAPES_MODELS,
+        help="The ShapesWorld models to time (e.g. only the one-step students at batch 64, where the teacher's"
+        " 25-step sampler would take minutes a round); the ratio to the teacher needs shapes-teacher.",
+    )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU.")
@@ -621,14 +634,16 @@ def main() -> None:
         sd15 = sd15_pipeline(int(size.split("-")[1]), device, dtype) if size != "shapes" else None
         for batch in args.batch_sizes:
             if sd15 is None:
-                rows, pipes = shapes_rows(batch, device, dtype, tiny)
-                reference = pipes["shapes-instaflow"]
+                rows, pipes = shapes_rows(batch, device, dtype, tiny, args.shapes_models)
+                reference = pipes.get("shapes-instaflow") or next(iter(pipes.values()))
             else:
                 rows, reference = sd15_rows(sd15, batch, tiny), sd15
             forwards = Forwards(reference, batch, device, dtype)
             unit_times = measure_group(rows, forwards, {"full": reference.vae, "tiny": tiny}, args, device)
             if sd15 is None:
-                teacher_seconds, note = median(rows[0].times), ""
+                # Without the teacher in the run there is no ratio to it.
+                teacher_seconds = median(rows[0].times) if "shapes-teacher" in args.shapes_models else float("nan")
+                note = ""
             else:
                 f = {name: median(times) for name, times in unit_times.items()}
                 teacher_seconds = 2 * f["text"] + TEACHER_STEPS * f["unet x2"] + f["decode full"]
