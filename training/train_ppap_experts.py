@@ -43,7 +43,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import optimizer_step, resumed_batches, start_run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                 for group in optimizer.param_groups:  # linear decay to zero within each expert, as the original
                     group["lr"] = args.learning_rate * (1 - stage_step / steps_per_expert)
                 loss = distillation_loss(task, model(noised(clean, low, high)), targets, args.temperature)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(accelerator, loss, model.parameters(), optimizer)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1

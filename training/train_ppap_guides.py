@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from fastgen_diffusers.guidance.shapesworld import shape_centre
 from fastgen_diffusers.models.ppap import PPAPGuideNet
@@ -29,9 +28,9 @@ from fastgen_diffusers.shapes.captions import SHAPES
 from fastgen_diffusers.shapes.judge import to_uint8_array
 from fastgen_diffusers.shapes.render import IMAGE_SIZE
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path
 from fastgen_diffusers.training.data import images_to_tensor
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import end_step, optimizer_step, progress_bar, resumed_batches, start_run
 
 TASK_LABELS = {"classification": list(SHAPES), "regression": ["centre_x", "centre_y"]}
 
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         global_step = checkpoint_step(resume_path)
     batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
 
-    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = progress_bar(accelerator, args.max_train_steps, global_step)
     net.train()
     while global_step < args.max_train_steps:
         batch = next(batches)
@@ -115,16 +114,11 @@ def main(argv: list[str] | None = None) -> None:
             pixels = batch["pixel_values"]
             noise_level = torch.rand(pixels.shape[0], 1, 1, 1, device=pixels.device) * args.noise_std
             loss = guide_loss(args.task, net(pixels + noise_level * torch.randn_like(pixels)), batch["labels"])
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, loss, net.parameters(), optimizer)
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        progress.update(1)
-        progress.set_postfix(loss=loss.item())
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+        end_step(accelerator, args, progress, global_step, {"loss": loss.item()})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

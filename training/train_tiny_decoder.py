@@ -29,14 +29,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from fastgen_diffusers.pipelines.auto import resolve_model_location
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
+from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path
 from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.hub import hub_base_model, push_to_hub_or_exit, save_model_card
-from fastgen_diffusers.training.run import resumed_batches, start_run
+from fastgen_diffusers.training.run import end_step, optimizer_step, progress_bar, resumed_batches, start_run
 from fastgen_diffusers.training.validation import save_image_grid
 
 
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
     fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(accelerator.device)
 
-    progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
+    progress = progress_bar(accelerator, args.max_train_steps, global_step)
     for pixels in batches:
         if global_step >= args.max_train_steps:
             break
@@ -233,17 +232,11 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.autocast():
                 prediction = decoder(latents)
             loss = reconstruction_loss(prediction.float(), target, args.loss)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, loss, decoder.parameters(), optimizer)
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        progress.update(1)
-        progress.set_postfix(loss=loss.item())
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        if accelerator.is_main_process and global_step % args.validation_steps == 0:
+        if end_step(accelerator, args, progress, global_step, {"loss": loss.item()}):
             with torch.no_grad():
                 latents, full = teacher_latents_and_images(vae, fixed_pixels, 0.0)
                 fast = accelerator.unwrap_model(decoder)(latents)

@@ -118,15 +118,17 @@ def optimizer_step(
     loss: torch.Tensor,
     parameters: Iterable[torch.nn.Parameter],
     optimizer: Optimizer,
-    lr_scheduler: LRScheduler,
-    max_grad_norm: float,
+    lr_scheduler: LRScheduler | None = None,
+    max_grad_norm: float | None = None,
 ) -> None:
-    """Backpropagate `loss` and update: gradients clipped to `max_grad_norm` once they are accumulated."""
+    """Backpropagate `loss` and update: gradients clipped to `max_grad_norm` (if given) once they are accumulated,
+    then the learning-rate schedule (if any) steps."""
     accelerator.backward(loss)
-    if accelerator.sync_gradients:
+    if accelerator.sync_gradients and max_grad_norm is not None:
         accelerator.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
-    lr_scheduler.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
     optimizer.zero_grad()
 
 
