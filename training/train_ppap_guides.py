@@ -28,9 +28,15 @@ from fastgen_diffusers.shapes.captions import SHAPES
 from fastgen_diffusers.shapes.judge import to_uint8_array
 from fastgen_diffusers.shapes.render import IMAGE_SIZE
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path
 from fastgen_diffusers.training.data import images_to_tensor
-from fastgen_diffusers.training.run import end_step, optimizer_step, progress_bar, resumed_batches, start_run
+from fastgen_diffusers.training.run import (
+    end_step,
+    optimizer_step,
+    progress_bar,
+    resume_or_seed,
+    resumed_batches,
+    start_run,
+)
 
 TASK_LABELS = {"classification": list(SHAPES), "regression": ["centre_x", "centre_y"]}
 
@@ -99,11 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     net, optimizer, dataloader = accelerator.prepare(net, optimizer, dataloader)
 
-    global_step = 0
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
+    global_step = resume_or_seed(accelerator, args, "train_ppap_guides")
     batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
 
     progress = progress_bar(accelerator, args.max_train_steps, global_step)

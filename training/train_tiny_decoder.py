@@ -32,10 +32,16 @@ from torch.utils.data import DataLoader
 
 from fastgen_diffusers.pipelines.auto import resolve_model_location
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path
 from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.hub import hub_base_model, push_to_hub_or_exit, save_model_card
-from fastgen_diffusers.training.run import end_step, optimizer_step, progress_bar, resumed_batches, start_run
+from fastgen_diffusers.training.run import (
+    end_step,
+    optimizer_step,
+    progress_bar,
+    resume_or_seed,
+    resumed_batches,
+    start_run,
+)
 from fastgen_diffusers.training.validation import save_image_grid
 
 
@@ -214,11 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     decoder, optimizer, dataloader = accelerator.prepare(decoder, optimizer, dataloader)
 
-    global_step = 0
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
+    global_step = resume_or_seed(accelerator, args, "train_tiny_decoder")
     batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
     fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(accelerator.device)
