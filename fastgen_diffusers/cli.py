@@ -228,13 +228,8 @@ def ppap_kwargs(args: argparse.Namespace, pipe, parser: argparse.ArgumentParser)
 
 
 def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`--oms-prompt` and `--oms-guidance-scale`, the scale defaulting to the module's fastgen.json."""
-    if not args.oms:
-        return {}
-    guidance = args.oms_guidance_scale
-    if guidance is None:
-        guidance = read_fastgen_metadata(resolve_model_location(args.oms)).get("default_oms_guidance_scale", 1.0)
-    return {"oms_prompt": args.oms_prompt, "oms_guidance_scale": guidance}
+    """`--oms-prompt` and `--oms-guidance-scale` (None: the module's stored default)."""
+    return {"oms_prompt": args.oms_prompt, "oms_guidance_scale": args.oms_guidance_scale} if args.oms else {}
 
 
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:

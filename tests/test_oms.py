@@ -219,6 +219,21 @@ def test_guidance_is_skipped_at_scale_one_and_negative_prompt_and_embeds_work(ti
 # --- saving, loading, FastPipeline ---------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def test_stored_default_guidance_is_used_and_saved(tiny_sd_components, tmp_path):
+    base = sd_pipe(tiny_sd_components)
+    pipe = oms_pipe(base, default_oms_guidance_scale=3.0)
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    by_default = pipe(PROMPT, generator=generator(), **kwargs).images
+    np.testing.assert_allclose(by_default, pipe(PROMPT, oms_guidance_scale=3.0, generator=generator(), **kwargs).images)
+    assert not np.allclose(by_default, pipe(PROMPT, oms_guidance_scale=1.0, generator=generator(), **kwargs).images)
+    pipe.save_pretrained(tmp_path)
+    loaded = OMSPipeline.from_pretrained(tmp_path, base_pipeline=base)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_oms_guidance_scale == 3.0
+    np.testing.assert_allclose(loaded(PROMPT, generator=generator(), **kwargs).images, by_default, atol=1e-5)
+
+
 @pytest.mark.parametrize("own_text_encoder", [False, True])
 @torch.no_grad()
 def test_save_and_load_round_trip(tiny_sd_components, tmp_path, own_text_encoder):

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(str(output_dir))
         write_fastgen_metadata(
             output_dir,
-            {"method": "oms", "trained_on": args.pretrained_model_name_or_path, "default_oms_guidance_scale": 1.0},
+            {"method": "oms", "trained_on": args.pretrained_model_name_or_path},
         )
         save_model_card(
             output_dir,

@@ -77,8 +77,7 @@ def evaluate_pipeline(
         "held_out_adherence": (
             attribute_adherence([predicted[i] for i in held_out], [prompted[i] for i in held_out]) if held_out else {}
         ),
-        "rejected": sum(p == Attributes() for p in predicted) / len(predicted),
-        "fidelity": float(np.mean([f.distance for f in fits])),
+        **reject_and_fidelity(predicted, fits),
         "drawing_fd": drawing_fd(fits, real_fits),
         "shapes_fd": shapes_fd(judge, images, real),
         "brightness_error": brightness_error(images, prompted),
@@ -92,13 +91,20 @@ def judged(judge: ShapesJudge, images) -> tuple[list[Attributes], list]:
     return [Attributes() if r else a for a, r in zip(read, rejected)], fits
 
 
+def reject_and_fidelity(predicted: list[Attributes], fits) -> dict[str, float]:
+    """The share of rejected images and the mean distance to the nearest clean drawing."""
+    return {
+        "rejected": sum(p == Attributes() for p in predicted) / len(predicted),
+        "fidelity": float(np.mean([f.distance for f in fits])),
+    }
+
+
 def open_prompt_scores(judge: ShapesJudge, images, prompts) -> dict[str, Any]:
     """Adherence per kind, open-attribute TV distances, reject rate and mean fidelity distance of images for `prompts`."""
     predicted, fits = judged(judge, images)
     return {
         **score_open_prompts(predicted, prompts),
-        "rejected": sum(p == Attributes() for p in predicted) / len(predicted),
-        "fidelity": float(np.mean([f.distance for f in fits])),
+        **reject_and_fidelity(predicted, fits),
     }
 
 

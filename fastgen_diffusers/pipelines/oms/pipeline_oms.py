@@ -142,6 +142,7 @@ class OMSPipeline(DiffusionPipeline):
         base_pipeline: DiffusionPipeline | None = None,
         latent_channels: int | None = None,
         vae_scaling_factor: float | None = None,
+        default_oms_guidance_scale: float = 1.0,
     ):
         super().__init__()
         if (oms_text_encoder is None) != (oms_tokenizer is None):
@@ -150,6 +151,7 @@ class OMSPipeline(DiffusionPipeline):
         self.register_to_config(
             latent_channels=latent_channels if latent_channels is not None else oms_model.config.in_channels,
             vae_scaling_factor=vae_scaling_factor,
+            default_oms_guidance_scale=default_oms_guidance_scale,
         )
         self.base_pipeline = None
         if base_pipeline is not None:
@@ -286,7 +288,7 @@ class OMSPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         oms_prompt: str | list[str] | None = None,
         oms_negative_prompt: str | list[str] | None = None,
-        oms_guidance_scale: float = 1.0,
+        oms_guidance_scale: float | None = None,
         oms: bool = True,
         num_inference_steps: int | None = None,
         num_images_per_prompt: int = 1,
@@ -310,7 +312,7 @@ class OMSPipeline(DiffusionPipeline):
                 prompt "a car" with `oms_prompt` "a red car".
             oms_negative_prompt (`str` or `list[str]`, *optional*):
                 The unconditional branch of the module's guidance (default ""); used when `oms_guidance_scale` != 1.
-            oms_guidance_scale (`float`, *optional*, defaults to 1.0):
+            oms_guidance_scale (`float`, *optional*, defaults to `self.config.default_oms_guidance_scale`):
                 Classifier-free guidance on the module's output; at 1 the unconditional pass is skipped.
             oms (`bool`, *optional*, defaults to `True`):
                 False runs the base pipeline alone (exactly as calling it).
@@ -340,6 +342,8 @@ class OMSPipeline(DiffusionPipeline):
         if not oms:
             return self._call_base(prompt, num_inference_steps, num_images_per_prompt, height, width, generator,
                                    latents, prompt_embeds, base_kwargs)
+        if oms_guidance_scale is None:
+            oms_guidance_scale = self.config.default_oms_guidance_scale
         self.check_inputs(prompt, oms_prompt, oms_negative_prompt, oms_guidance_scale, prompt_embeds, oms_prompt_embeds)
         base = self.base_pipeline
         device = base._execution_device
