@@ -126,9 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_decoder(decoder: str, parser: argparse.ArgumentParser):
-    """The `AutoencoderTiny` named by `--decoder`, which takes the VAE's place (the standard Diffusers swap)."""
+    """The `AutoencoderTiny` named by `--decoder`, which takes the VAE's place (the standard Diffusers swap).
+
+    Safetensors only, as `--model`: a pickled decoder is refused and a damaged one is named before loading."""
     import torch
     from diffusers import AutoencoderTiny
+
+    from .utils.safe_loading import check_weight_files
 
     location = resolve_model_location(decoder)
     if not Path(location).exists() and location.count("/") != 1:
@@ -136,7 +140,9 @@ def load_decoder(decoder: str, parser: argparse.ArgumentParser):
             f"--decoder {decoder!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id."
         )
     try:
-        return AutoencoderTiny.from_pretrained(location, torch_dtype=torch.float32)  # shipped fp16; the CPU wants fp32
+        check_weight_files(location)
+        # Shipped in fp16; the CPU wants fp32.
+        return AutoencoderTiny.from_pretrained(location, torch_dtype=torch.float32, use_safetensors=True)
     except (ValueError, OSError) as error:
         parser.error(f"--decoder {decoder!r} could not be loaded as an AutoencoderTiny: {error}")
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from safetensors.torch import load_file
 from test_oms import oms_pipe
 
 from fastgen_diffusers import FastPipeline
+from fastgen_diffusers.cli import build_parser, load_decoder
 from fastgen_diffusers.guidance.ppap import PPAPGuidance
 from fastgen_diffusers.models.ppap import PPAPGuideNet
 from fastgen_diffusers.training import reflow
@@ -69,19 +71,44 @@ def test_pickle_weights_need_the_opt_in(pipeline_folder):
 # ---- a tiny decoder, a LoRA, an OMS module: Diffusers' own loaders already name the file ----
 
 
-@pytest.mark.parametrize("how", CORRUPTIONS)
-def test_damaged_tiny_decoder_is_named(tmp_path, how):
+def saved_tiny_decoder(folder: Path) -> Path:
     tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))  # fmt: skip
-    tiny.save_pretrained(tmp_path / "tiny")
-    weights = tmp_path / "tiny" / "diffusion_pytorch_model.safetensors"
+    tiny.save_pretrained(folder)
+    return folder
+
+
+def as_pickle(weights: Path, pickle_name: str) -> Path:
+    """Replace a safetensors file by the same tensors in a `torch.save` pickle beside it (what older tools write)."""
+    pickle = weights.with_name(pickle_name)
+    torch.save(load_file(weights), pickle)
+    weights.unlink()
+    return pickle
+
+
+def cli_error(capsys, load) -> str:
+    """What a CLI loader prints before it exits with status 2 (argparse's `parser.error`)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_tiny_decoder_is_named_by_the_cli(tmp_path, capsys, how):
+    folder = saved_tiny_decoder(tmp_path / "tiny")
+    assert isinstance(load_decoder(str(folder), build_parser()), AutoencoderTiny)  # whole: loads
+    weights = folder / "diffusion_pytorch_model.safetensors"
     corrupt(weights, how)
-    with pytest.raises((OSError, ValueError)) as error:
-        AutoencoderTiny.from_pretrained(tmp_path / "tiny")
-    assert_names_the_file(error, weights)
-    with pytest.raises(ValueError) as error:
-        check_weight_files(tmp_path / "tiny")
-    assert_names_the_file(error, weights)
+    message = cli_error(capsys, lambda: load_decoder(str(folder), build_parser()))
+    assert "--decoder" in message and str(weights) in message and "Traceback" not in message
+
+
+def test_pickled_tiny_decoder_is_refused_by_the_cli(tmp_path, capsys):
+    folder = saved_tiny_decoder(tmp_path / "tiny")
+    pickle = as_pickle(folder / "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    message = cli_error(capsys, lambda: load_decoder(str(folder), build_parser()))
+    assert str(pickle) in message and "pickle" in message
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -94,6 +121,25 @@ def test_damaged_lora_is_named(pipeline_folder, tmp_path, how):
     with pytest.raises((OSError, ValueError)) as error:
         StableDiffusionPipeline.from_pretrained(pipeline_folder).load_lora_weights(str(tmp_path / "lora"))
     assert_names_the_file(error, weights)
+    with pytest.raises(ValueError) as error:
+        check_weight_files(tmp_path / "lora")
+    assert_names_the_file(error, weights)
+
+
+def test_pickled_lora_is_refused(pipeline_folder, tmp_path):
+    """Diffusers' `load_lora_weights` falls back to `pytorch_lora_weights.bin`; the package's own LoRA loading
+    (train_snoopi's export) passes `use_safetensors=True`, and `check_weight_files` refuses the pickle."""
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_folder)
+    pipe.unet.add_adapter(unet_lora_config(rank=2, alpha=2))
+    save_unet_lora(StableDiffusionPipeline, pipe.unet, tmp_path / "lora")
+    pickle = as_pickle(tmp_path / "lora" / "pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+    with pytest.raises(ValueError, match="pickle.*allow_pickle=True") as error:
+        check_weight_files(tmp_path / "lora")
+    assert_names_the_file(error, pickle)
+    with pytest.raises((OSError, ValueError)):
+        StableDiffusionPipeline.from_pretrained(pipeline_folder).load_lora_weights(
+            str(tmp_path / "lora"), use_safetensors=True
+        )
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -131,9 +177,31 @@ def saved_ppap(folder: Path) -> Path:
 def test_damaged_ppap_guidance_is_named(tmp_path, weights, how):
     folder = saved_ppap(tmp_path / "ppap")
     corrupt(folder / weights, how)
-    with pytest.raises((OSError, ValueError)) as error:
+    with pytest.raises(ValueError) as error:
         PPAPGuidance.from_pretrained(folder)
     assert_names_the_file(error, folder / weights)
+
+
+@pytest.mark.parametrize(
+    "weights, pickle_name",
+    [
+        ("guide/diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+        ("experts/expert_1/adapter_model.safetensors", "adapter_model.bin"),
+    ],
+)
+def test_pickled_ppap_guidance_needs_the_opt_in(tmp_path, weights, pickle_name):
+    folder = saved_ppap(tmp_path / "ppap")
+    reference = PPAPGuidance.from_pretrained(folder)
+    pickle = as_pickle(folder / weights, pickle_name)
+    with pytest.raises(ValueError, match="pickle.*allow_pickle=True") as error:
+        PPAPGuidance.from_pretrained(folder)
+    assert_names_the_file(error, pickle)
+
+    loaded = PPAPGuidance.from_pretrained(folder, allow_pickle=True)  # the caller trusts the file
+    for module in ("guide", "experts"):
+        expected = getattr(reference, module).state_dict()
+        for name, tensor in getattr(loaded, module).state_dict().items():
+            torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=f"{module}.{name}")
 
 
 # ---- training checkpoints (accelerate's state: safetensors weights, pickled optimizer and RNG states) ----

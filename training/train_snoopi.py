@@ -402,8 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     # 6. Training.
     data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
+    samples = []  # for the step journal: the data is prompts
     while global_step < args.max_train_steps:
         batch = next(data)
+        samples.append(run.text_fingerprints(batch["prompts"]))
         with accelerator.accumulate(student, fake_unet):
             with torch.no_grad():
                 prompt_embeds = text_encoder(batch["input_ids"], return_dict=False)[0]
@@ -464,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         global_step += 1
         logs = run.mean_over_processes(accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss)
         logs["kappa"] = guidance_scale.mean().item()
-        if run.end_step(accelerator, args, progress, global_step, logs):
+        if run.end_step(accelerator, args, progress, global_step, logs, samples=samples):
             generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(validation_prompts))]
             with run.ema_weights(ema, student_params), accelerator.autocast():
                 images = validation_pipeline()(validation_prompts, generator=generator).images
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         pipeline = OneStepPipeline.from_pretrained(location, **load, **pipeline_settings, **student_unet)
         if args.use_lora:
             save_unet_lora(OneStepPipeline, raw_student, output_dir)
-            pipeline.load_lora_weights(output_dir)
+            pipeline.load_lora_weights(output_dir, use_safetensors=True)  # never a pickle fallback
             pipeline.fuse_lora()
             pipeline.unload_lora_weights()
         pipeline.save_pretrained(str(output_dir))

@@ -244,19 +244,29 @@ class PPAPGuidance:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, subfolder: str | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
     ) -> "PPAPGuidance":
         """Load a saved `PPAPGuidance`: a folder or an embedded asset name, with `subfolder` for a collection of them
-        (`PPAPGuidance.from_pretrained("shapes-ppap", subfolder="classifier")`)."""
+        (`PPAPGuidance.from_pretrained("shapes-ppap", subfolder="classifier")`).
+
+        Safetensors only: a guide or expert saved as a pickle (`.bin`) runs any code it holds when loaded, so it is
+        refused (a `ValueError` naming the file) unless `allow_pickle=True`, for files you trust.
+        """
         from .. import assets
 
         path = assets.path(str(path)) if str(path) in assets.names() else Path(path)
         path = path / subfolder if subfolder else path
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"`path` {str(path)!r} holds no {CONFIG_NAME}: not a saved PPAPGuidance.")
-        check_weight_files(path)  # a damaged guide or expert is named, and no pickle is loaded
+        check_weight_files(path, allow_pickle=allow_pickle)  # a damaged guide or expert is named
         config = json.loads((path / CONFIG_NAME).read_text())
-        guide = PPAPGuideNet.from_pretrained(str(path / "guide"), torch_dtype=torch.float32, use_safetensors=True)
+        guide = PPAPGuideNet.from_pretrained(
+            str(path / "guide"), torch_dtype=torch.float32, use_safetensors=None if allow_pickle else True
+        )
         backbone = PPAPGuideNet.latent_input_from(guide, config["latent_channels"]).requires_grad_(False)
         names = [expert_name(i) for i in range(len(config["log_snr_edges"]) - 1)]
         experts = PeftModel.from_pretrained(backbone, str(path / "experts" / names[0]), adapter_name=names[0])
