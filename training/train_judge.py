@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Training: cross-entropy on every attribute, on images with a little pixel noise.
     data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
+    samples = []  # for the step journal: each image identifies its row
     while global_step < args.max_train_steps:
         batch = next(data)
+        samples.append(run.fingerprints(batch["pixel_values"]))
         with accelerator.accumulate(net):
             pixels = batch["pixel_values"]
             noise_level = torch.rand(pixels.shape[0], 1, 1, 1, device=pixels.device) * args.noise_std
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             global_step += 1
-            run.end_step(accelerator, args, progress, global_step, {"loss": loss.item()})
+            run.end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples)
 
     # 3. The network, its accuracy on held-out images, and its card.
     accelerator.wait_for_everyone()

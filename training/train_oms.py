@@ -20,7 +20,6 @@ or `FastPipeline.from_pretrained(base, oms=output_dir)`.
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import datasets
@@ -31,7 +30,6 @@ from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fastgen_diffusers.models.oms import OMSModel, predicted_original_sample
@@ -39,10 +37,9 @@ from fastgen_diffusers.pipelines.auto import resolve_model_location, write_fastg
 from fastgen_diffusers.pipelines.oms import OMSPipeline
 from fastgen_diffusers.shapes import build_dataset, evaluation_prompts
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
-from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.data import images_to_tensor, tokenize
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
-from fastgen_diffusers.training.run import constant_lr_scheduler, resumed_batches, start_run
+from fastgen_diffusers.training import run
 from fastgen_diffusers.training.validation import save_image_grid
 
 logger = get_logger(__name__, log_level="INFO")
@@ -130,17 +127,26 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 class OMSCollator:
-    """Rows to pixel values and token ids, with each caption dropped to "" with probability `dropout`."""
+    """Rows to pixel values and token ids."""
 
-    def __init__(self, tokenizer, image_column: str, caption_column: str, resolution: int, dropout: float, seed: int):
+    def __init__(self, tokenizer, image_column: str, caption_column: str, resolution: int):
         self.tokenizer, self.image_column, self.caption_column = tokenizer, image_column, caption_column
-        self.resolution, self.dropout = resolution, dropout
-        self.rng = random.Random(seed)
+        self.resolution = resolution
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        captions = ["" if self.rng.random() < self.dropout else row[self.caption_column] for row in rows]
+        captions = [row[self.caption_column] for row in rows]
         images = [center_crop_resize(row[self.image_column], self.resolution) for row in rows]
         return {"pixel_values": images_to_tensor(images), "input_ids": tokenize(self.tokenizer, captions)}
+
+
+def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Each caption replaced by the empty one with probability `dropout`.
+
+    Drawn in the training loop from the process's global RNG, which checkpoints restore, not in the collator: the
+    data loader collates a batch ahead and skips batches on resume, so a collator's own draws would not resume.
+    """
+    dropped = torch.rand(input_ids.shape[0], device=input_ids.device) < dropout
+    return torch.where(dropped[:, None], empty_ids.to(input_ids.device).expand_as(input_ids), input_ids)
 
 
 def make_oms_model(args: argparse.Namespace, vae: AutoencoderKL, text_encoder: CLIPTextModel, resolution: int) -> OMSModel:
@@ -193,7 +199,7 @@ def decoded_predictions(model: OMSModel, vae, text_encoder, tokenizer, prompts: 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = start_run(args)
+    accelerator = run.start_run(args)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     base = resolve_model_location(args.pretrained_model_name_or_path)
@@ -210,18 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMAModel(model.parameters(), decay=args.ema_decay)
     accelerator.register_for_checkpointing(ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-2)
-    lr_scheduler = constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
+    lr_scheduler = run.constant_lr_scheduler(optimizer, accelerator, args.lr_warmup_steps, args.max_train_steps)
 
     dataset, image_column, caption_column = load_image_text_dataset(args)
-    collator = OMSCollator(
-        tokenizer, image_column, caption_column, resolution, args.caption_dropout_prob,
-        seed=args.seed * 1000 + accelerator.process_index,
-    )
+    empty_ids = tokenize(tokenizer, [""])
     dataloader = DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collator,
+        collate_fn=OMSCollator(tokenizer, image_column, caption_column, resolution),
         num_workers=args.dataloader_num_workers,
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
@@ -229,55 +232,37 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, lr_scheduler, dataloader = accelerator.prepare(model, optimizer, lr_scheduler, dataloader)
     ema.to(accelerator.device)
 
-    global_step = 0
-    resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path)
+    # Each process its own x_S, posterior samples and caption dropout; a resumed run gets its RNG states back.
+    global_step = run.resume_or_seed(accelerator, args, "train_oms")
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_oms", config={k: str(v) for k, v in vars(args).items() if v is not None})
         raw = accelerator.unwrap_model(model)
         logger.info(f"OMS network: {sum(p.numel() for p in raw.parameters()):,} parameters")
-    torch.manual_seed(args.seed * 1000 + accelerator.process_index + global_step)  # x_S differs per process and resume
     validation_prompts = [p.caption for p in evaluation_prompts(args.num_validation_images, seed=args.seed)]
 
-    data = resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
+    data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
+    progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
+    samples = []  # for the step journal: each image identifies its row
     while global_step < args.max_train_steps:
         batch = next(data)
+        samples.append(run.fingerprints(batch["pixel_values"]))
         with accelerator.accumulate(model):
+            input_ids = drop_captions(batch["input_ids"], empty_ids, args.caption_dropout_prob)
             with torch.no_grad():
                 latents = scaled_latents(vae, batch["pixel_values"])
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
             loss = oms_loss(model, latents, encoder_hidden_states)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+            run.optimizer_step(accelerator, loss, model.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
         if not accelerator.sync_gradients:
             continue
         ema.step(model.parameters())
         global_step += 1
-        progress.update(1)
-        logs = {"loss": accelerator.gather(loss.detach().reshape(1)).mean().item()}
-        progress.set_postfix(**logs)
-        accelerator.log(logs, step=global_step)
-
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-        if accelerator.is_main_process and global_step % args.validation_steps == 0:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-            images = decoded_predictions(
-                accelerator.unwrap_model(model), vae, text_encoder, tokenizer, validation_prompts, args.seed
-            )
+        logs = run.mean_over_processes(accelerator, loss=loss)
+        if run.end_step(accelerator, args, progress, global_step, logs, samples=samples):
+            with run.ema_weights(ema, model.parameters()):
+                images = decoded_predictions(
+                    accelerator.unwrap_model(model), vae, text_encoder, tokenizer, validation_prompts, args.seed
+                )
             save_image_grid(images, output_dir / "validation" / f"step-{global_step}.png")
-            ema.restore(model.parameters())
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

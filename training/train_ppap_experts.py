@@ -43,7 +43,14 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
-from fastgen_diffusers.training.run import optimizer_step, resumed_batches, start_run
+from fastgen_diffusers.training.run import (
+    fingerprints,
+    optimizer_step,
+    record_step,
+    resumed_batches,
+    start_run,
+    trim_step_journal,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
         global_step = checkpoint_step(resume_path)
+    trim_step_journal(accelerator, output_dir, global_step)
     optimizer_state = None
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
     while global_step < args.max_train_steps:
@@ -253,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         if stage > 0 and stage_step == 0:
             carry_over(guidance, stage - 1, stage)
         batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
+        samples = []  # for the step journal: each clean latent identifies its generated image
         while stage_step < steps_per_expert:
             clean, targets = next(batches)
+            samples.append(fingerprints(clean))
             with accelerator.accumulate(model):
                 for group in optimizer.param_groups:  # linear decay to zero within each expert, as the original
                     group["lr"] = args.learning_rate * (1 - stage_step / steps_per_expert)
@@ -266,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             stage_step += 1
             progress.update(1)
             progress.set_postfix(expert=stage, loss=loss.item())
+            record_step(accelerator, output_dir, global_step, {"expert": stage, "loss": loss.item()}, samples)
             if global_step % args.checkpointing_steps == 0 or stage_step == steps_per_expert:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
         optimizer_state = optimizer.state_dict()

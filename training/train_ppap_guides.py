@@ -31,6 +31,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.run import (
     end_step,
+    fingerprints,
     optimizer_step,
     progress_bar,
     resume_or_seed,
@@ -110,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
 
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
     net.train()
+    samples = []  # for the step journal: each image identifies its row
     while global_step < args.max_train_steps:
         batch = next(batches)
+        samples.append(fingerprints(batch["pixel_values"]))
         with accelerator.accumulate(net):
             pixels = batch["pixel_values"]
             noise_level = torch.rand(pixels.shape[0], 1, 1, 1, device=pixels.device) * args.noise_std
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        end_step(accelerator, args, progress, global_step, {"loss": loss.item()})
+        end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -216,8 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     # large numbers near tau = 1.
     data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
+    samples = []  # for the step journal: each pair's noise identifies it
     while global_step < args.max_train_steps:
         batch = next(data)
+        samples.append(run.fingerprints(batch["noise"]))
         with accelerator.accumulate(unet):
             noise, latents = batch["noise"].float(), batch["latents"].float()
             batch_size = noise.shape[0]
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         ema.step(trainable_params)
         global_step += 1
         logs = {**run.mean_over_processes(accelerator, loss=loss), "lr": lr_scheduler.get_last_lr()[0]}
-        if run.end_step(accelerator, args, progress, global_step, logs):
+        if run.end_step(accelerator, args, progress, global_step, logs, samples=samples):
             with run.ema_weights(ema, trainable_params):
                 save_validation(f"step-{global_step}")
 

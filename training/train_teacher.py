@@ -247,8 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     # 6. Training: the VAE stage, then the UNet stage.
     data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
     progress = run.progress_bar(accelerator, total_steps, global_step)
+    samples = []  # for the step journal: each image identifies its row
     while global_step < total_steps:
         batch = next(data)
+        samples.append(run.fingerprints(batch["pixel_values"]))
         if global_step < args.vae_train_steps:
             with accelerator.accumulate(vae_step):
                 reconstruction, kl = vae_step(batch["pixel_values"])
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             ema.step(diffusion_params)
         global_step += 1
         logs = {**run.mean_over_processes(accelerator, loss=loss), "stage": int(global_step > args.vae_train_steps)}
-        validation_due = run.end_step(accelerator, args, progress, global_step, logs, total_steps)
+        validation_due = run.end_step(accelerator, args, progress, global_step, logs, total_steps, samples)
         if validation_due and global_step > args.vae_train_steps:
             generator = torch.Generator().manual_seed(args.seed)
             with run.ema_weights(ema, diffusion_params):

@@ -1,5 +1,5 @@
 """The parts of a training run every script shares: its start, the seeds, resuming, the batch stream, and the end of
-each optimisation step (log, checkpoint, validation with the EMA weights)."""
+each optimisation step (log, step journal, checkpoint, validation with the EMA weights)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import itertools
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.optim import Optimizer
@@ -34,6 +35,9 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Arguments never written to a run folder or a tracker: a folder may be uploaded, a tracker is often public.
 SECRET_ARGUMENTS = ("hub_token",)
+
+# One JSON line per optimisation step in the output folder: what each step trained on and what it logged.
+STEP_JOURNAL = "step_log.jsonl"
 
 def start_run(args: argparse.Namespace) -> Accelerator:
     """The `Accelerator` for a run, with the seed set and the arguments and command line recorded.
@@ -83,6 +87,7 @@ def resume_or_seed(accelerator: Accelerator, args: argparse.Namespace, tracker_n
         logger.info(f"Resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
         global_step = checkpoint_step(resume_path)
+    trim_step_journal(accelerator, args.output_dir, global_step)
     if accelerator.is_main_process:
         config = {key: value for key, value in recorded_args(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers(tracker_name, config=config)
@@ -143,15 +148,70 @@ def end_step(
     global_step: int,
     logs: dict[str, float],
     total_steps: int | None = None,
+    samples: list[torch.Tensor] | None = None,
 ) -> bool:
-    """Log step `global_step` and save a checkpoint when one is due (every `--checkpointing_steps` and at the last
-    step); return whether validation images are due, on the main process only (every `--validation_steps`)."""
+    """Log step `global_step`, journal it (with the fingerprints of its `samples`, see `record_step`) and save a
+    checkpoint when one is due (every `--checkpointing_steps` and at the last step); return whether validation
+    images are due, on the main process only (every `--validation_steps`). Call it on every process."""
     progress.update(1)
     progress.set_postfix(**logs)
     accelerator.log(logs, step=global_step)
+    record_step(accelerator, args.output_dir, global_step, logs, samples)  # before the checkpoint that covers it
     if global_step % args.checkpointing_steps == 0 or global_step == (total_steps or args.max_train_steps):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     return accelerator.is_main_process and global_step % args.validation_steps == 0
+
+
+def fingerprints(samples: torch.Tensor) -> torch.Tensor:
+    """One number per sample that tells samples apart: the float64 sum of its values (its pixels, noise, latent)."""
+    return samples.detach().flatten(1).double().sum(dim=1).cpu()
+
+
+def text_fingerprints(texts: Iterable[str]) -> torch.Tensor:
+    """One number per text (its CRC-32): for data that is prompts only."""
+    return torch.tensor([float(zlib.crc32(text.encode())) for text in texts], dtype=torch.float64)
+
+
+def record_step(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    global_step: int,
+    logs: dict[str, float],
+    samples: list[torch.Tensor] | None = None,
+) -> None:
+    """Append step `global_step` to the output folder's step journal (`step_log.jsonl`): the logs and, under
+    `samples`, the fingerprints of what the step trained on, gathered over the processes in rank order.
+
+    `samples` holds this process's fingerprints of each micro-batch of the step (see `fingerprints`); it is emptied
+    here, ready for the next step. The journal lets a test count that a resumed run lost or repeated no step and saw
+    the data in the same order. Call it on every process (the gather); only the main one writes.
+    """
+    seen = gather_object(torch.cat(samples).tolist()) if samples else None
+    if samples is not None:
+        samples.clear()
+    if accelerator.is_main_process:
+        line = json.dumps({"step": global_step, **logs, **({"samples": seen} if seen is not None else {})})
+        with open(Path(output_dir) / STEP_JOURNAL, "a") as journal:
+            journal.write(line + "\n")
+
+
+def trim_step_journal(accelerator: Accelerator, output_dir: str | Path, global_step: int) -> None:
+    """Keep the journal's steps up to `global_step`, where a (resumed) run starts: the steps after the checkpoint
+    it resumes from are done again, and a line torn by a kill is dropped. The file is replaced atomically."""
+    path = Path(output_dir) / STEP_JOURNAL
+    if accelerator.is_main_process and path.is_file():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the end of a line a kill cut short
+            if entry.get("step", global_step + 1) <= global_step:
+                kept.append(line + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept))
+        os.replace(partial, path)
+    accelerator.wait_for_everyone()
 
 
 @contextlib.contextmanager
