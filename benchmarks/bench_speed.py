@@ -145,7 +145,9 @@ class Forwards:
         unet = pipe.unet
         size = unet.config.sample_size
         generator = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(2 * batch, unet.config.in_channels, size, size, generator=generator).to(device, dtype)
+        self.latents = torch.randn(2 * batch, unet.config.in_channels, size, size, generator=generator).to(
+            device, dtype
+        )
         with torch.no_grad():
             embeds = pipe.text_encoder(self.input_ids)[0]
         self.embeds = torch.cat([embeds, embeds]).to(dtype)
@@ -213,7 +215,9 @@ def shapes_rows(
 
 
 def sd15_pipeline(resolution: int, device: str, dtype: torch.dtype):
-    architecture = argparse.Namespace(**{**SD15_ARCHITECTURE, "resolution": resolution}, device=device, dtype="float32")
+    architecture = argparse.Namespace(
+        **{**SD15_ARCHITECTURE, "resolution": resolution}, device=device, dtype="float32"
+    )
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         pipe = build_pipeline(architecture, Path(tokenizer_dir))
     return pipe.to(dtype=dtype)
@@ -261,7 +265,11 @@ def measure_group(rows: list[Row], forwards: Forwards, vaes: dict, args, device:
 def forward_sum(row: Row, unit: dict[str, float]) -> float:
     """text encoder (again for a negative prompt) + steps x UNet (doubled batch under CFG) + decode."""
     text_calls = 2 if (row.cfg or row.negative) else 1
-    return text_calls * unit["text"] + row.steps * unit["unet x2" if row.cfg else "unet x1"] + unit[f"decode {row.decoder}"]
+    return (
+        text_calls * unit["text"]
+        + row.steps * unit["unet x2" if row.cfg else "unet x1"]
+        + unit[f"decode {row.decoder}"]
+    )
 
 
 def spread(values: list[float]) -> float:
@@ -314,7 +322,7 @@ def count_flops(args, device: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     pipe = options_pipeline(args, device, getattr(torch, args.dtype))
-    kwargs = {"prompt": [PROMPT] * args.options_batch, "num_inference_steps": 1, "guidance_scale": 1.0}
+    kwargs = {"prompt": [PROMPT] * args.options_batch[0], "num_inference_steps": 1, "guidance_scale": 1.0}
     pipe(**kwargs, output_type="pil")
     counter = FlopCounterMode(display=False, depth=1)
     with counter:
@@ -322,44 +330,148 @@ def count_flops(args, device: str) -> dict:
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name != "Global"}
     seconds = median([timed(lambda: pipe(**kwargs, output_type="pil"), device) for _ in range(args.options_repeats)])
     total = counter.get_total_flops()
-    return {"total_flops": total, "per_module": per_module, "eager_seconds": seconds, "tflops_per_s": total / seconds / 1e12}
+    return {
+        "total_flops": total,
+        "per_module": per_module,
+        "eager_seconds": seconds,
+        "tflops_per_s": total / seconds / 1e12,
+    }
 
 
-def measure_options(args, device: str) -> list[dict]:
-    options = args.option_list
-    kwargs = {"prompt": [PROMPT] * args.options_batch, "num_inference_steps": 1, "guidance_scale": 1.0}
+def pixels(images) -> torch.Tensor:
+    """uint8 PIL images as one int16 tensor, for differences in grey levels."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).to(torch.int16)
+
+
+def measure_options(args, device: str, batch: int) -> list[dict]:
+    """Each option on a fresh pipeline, timed round-robin against eager (the order rotating each round, so no option
+    always follows the same one); its first call (setup and compilation) reported apart; its images compared with
+    eager's on the same seed."""
+    kwargs = {"prompt": [PROMPT] * batch, "num_inference_steps": 1, "guidance_scale": 1.0}
     entries = []
     dtype = getattr(torch, args.dtype)
-    for option in options:
+    for option in args.option_list:
         pipe = options_pipeline(args, device, dtype)
-        autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if option == "bf16 autocast" else nullcontext()
+        autocast = (
+            torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if option == "bf16 autocast" else nullcontext()
+        )
         setup = apply_option(pipe, option)
 
         def call(pipe=pipe, autocast=autocast):
             with autocast:
-                return pipe(**kwargs, output_type="pil")
+                return pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pil").images
 
         start = time.perf_counter()
         try:
-            call()
+            images = call()
         except Exception as error:  # an option this machine cannot run is reported, not fatal
             entries.append({"option": option, "error": f"{type(error).__name__}: {str(error)[:200]}"})
             continue
-        entries.append({"option": option, "call": call, "first_call_s": time.perf_counter() - start + setup, "times": []})
+        first = time.perf_counter() - start + setup
+        entries.append({"option": option, "call": call, "first_call_s": first, "times": [], "pixels": pixels(images)})
+        print(f"options batch {batch}: {option} first call {first:.1f} s", flush=True)
     runnable = [e for e in entries if "call" in e]
     for _ in range(args.warmup):
         for entry in runnable:
             entry["call"]()
-    for _ in range(args.options_repeats):
-        for entry in runnable:
+    for round_index in range(args.options_repeats):
+        shift = round_index % len(runnable)
+        for entry in runnable[shift:] + runnable[:shift]:
             entry["times"].append(timed(entry["call"], device))
     eager = next((e for e in runnable if e["option"] == "eager"), None)
+    eager_pixels = eager["pixels"] if eager else None
     for entry in runnable:
         per_round = [t / e for t, e in zip(entry["times"], eager["times"])] if eager else [float("nan")]
         entry["ratio"], entry["ratio_iqr"] = median(per_round), interquartile(per_round)
-        entry["helps"] = entry["ratio_iqr"][1] < 0.97
-        del entry["call"]
+        entry["ms"] = 1000 * median(entry["times"])
+        difference = (entry["pixels"] - eager_pixels).abs() if eager else torch.zeros(1)
+        entry["max_abs_pixel_diff"], entry["mean_abs_pixel_diff"] = (
+            int(difference.max()),
+            float(difference.float().mean()),
+        )
+        entry["within_tolerance"] = entry["max_abs_pixel_diff"] <= args.options_tolerance
+        entry["helps"] = entry["ratio_iqr"][1] < 0.97 and entry["within_tolerance"]
+        del entry["call"], entry["pixels"]
     return entries
+
+
+# --- how fast a decoder could make a call (Amdahl) --------------------------------------------------------
+
+
+def decode_bound(args, device: str) -> tuple[list[str], list[dict]]:
+    """The best a faster decoder can do: a call that stops at the latents (`output_type="latent"`) plus the image
+    post-processing every call keeps, over the same call with the full VAE, interleaved with the tiny decoder's
+    call and the bare decoder forwards, per batch size."""
+    tiny = load_tiny_decoder("shapes", args.tiny_decoder, device, torch.float32)
+    results = []
+    for name in args.bound_models:
+        full_pipe, steps, guidance = load_shapes(name, device, torch.float32)
+        tiny_pipe = FastPipeline.from_pretrained(name, vae=tiny).to(device)
+        tiny_pipe.set_progress_bar_config(disable=True)
+        settings = {"num_inference_steps": steps, "guidance_scale": guidance}
+        for batch in args.bound_batches:
+            prompt = [PROMPT] * batch
+            forwards = Forwards(full_pipe, batch, device, torch.float32)
+            blank = torch.zeros(
+                batch,
+                3,
+                full_pipe.unet.config.sample_size * full_pipe.vae_scale_factor,
+                full_pipe.unet.config.sample_size * full_pipe.vae_scale_factor,
+            )
+            units = {
+                "full VAE call": lambda: full_pipe(prompt=prompt, **settings, output_type="pil"),
+                "tiny decoder call": lambda: tiny_pipe(prompt=prompt, **settings, output_type="pil"),
+                "call to latents": lambda: full_pipe(prompt=prompt, **settings, output_type="latent"),
+                "post-processing": lambda: full_pipe.image_processor.postprocess(blank, output_type="pil"),
+                "full decoder forward": lambda: forwards.decode(full_pipe.vae),
+                "tiny decoder forward": lambda: forwards.decode(tiny),
+            }
+            for _ in range(args.warmup):
+                for call in units.values():
+                    call()
+            times = {unit: [] for unit in units}
+            order = list(units)
+            for round_index in range(args.bound_repeats):
+                shift = round_index % len(order)
+                for unit in order[shift:] + order[:shift]:
+                    times[unit].append(timed(units[unit], device))
+            full = times["full VAE call"]
+            free = [(lat + post) / f for lat, post, f in zip(times["call to latents"], times["post-processing"], full)]
+            with_tiny = [t / f for t, f in zip(times["tiny decoder call"], full)]
+            results.append({
+                "model": name, "batch": batch, "ms": {unit: 1000 * median(values) for unit, values in times.items()},
+                "free_decoder_ratio": median(free), "free_decoder_iqr": interquartile(free),
+                "tiny_ratio": median(with_tiny), "tiny_iqr": interquartile(with_tiny), "rounds": args.bound_repeats,
+            })  # fmt: skip
+            print(
+                f"decode bound {name} batch {batch}: free decoder {median(free):.3f}, tiny {median(with_tiny):.3f}",
+                flush=True,
+            )
+    lines = [
+        "## How fast can a faster decoder make the call? (Amdahl bound)",
+        "",
+        "Per model and batch, interleaved rounds (order rotating) of: the one-step call with the full VAE, the same"
+        ' call with the tiny decoder, the call stopped at the latents (`output_type="latent"`: text encoder, UNet,'
+        " the pipeline's own work), the image post-processing every call keeps (tensor to PIL), and the bare decoder"
+        " forwards. A decoder that took no time at all would leave the call at (latents + post-processing) / full:"
+        " the bound no decoder can beat. Medians in ms; ratios as medians of per-round ratios (IQR).",
+        "",
+        "| model | batch | full VAE call | call to latents | post-processing | full decoder forward | tiny decoder forward"
+        " | tiny decoder call | bound: free decoder / full (IQR) | tiny / full (IQR) | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {ms['full VAE call']:.1f} | {ms['call to latents']:.1f} |"
+            f" {ms['post-processing']:.1f} | {ms['full decoder forward']:.1f} | {ms['tiny decoder forward']:.1f} |"
+            f" {ms['tiny decoder call']:.1f} | {r['free_decoder_ratio']:.3f} ({r['free_decoder_iqr'][0]:.3f}-"
+            f"{r['free_decoder_iqr'][1]:.3f}) | {r['tiny_ratio']:.3f} ({r['tiny_iqr'][0]:.3f}-{r['tiny_iqr'][1]:.3f}) |"
+            f" {r['rounds']} |"
+        )
+    return lines, results
 
 
 # --- the tiny decoder's goals ------------------------------------------------------------------------
@@ -421,7 +533,8 @@ def decoder_goals(args, device: str) -> tuple[list[str], list[dict]]:
         " differs); pixel error of the tiny decoder's images against the full decoder's, 0-255.",
         "",
         "| model | call time tiny / full (IQR) | full ms | tiny ms | adherence all: full -> tiny (points) | "
-        + " | ".join(columns[1:]) + " (full -> tiny) | pixel MAE | pixel RMSE |",
+        + " | ".join(columns[1:])
+        + " (full -> tiny) | pixel MAE | pixel RMSE |",
         "|---|---|---|---|---|" + "---|" * (len(columns) - 1) + "---|---|",
     ]
     for r in results:
@@ -490,24 +603,30 @@ def table_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def options_lines(entries: list[dict], args) -> list[str]:
+def options_lines(entries: list[dict], args, batch: int) -> list[str]:
     lines = [
-        f"## Execution options: `{args.options_model}` one-step, batch {args.options_batch}"
-        f"{', tiny decoder' if args.options_tiny else ''}",
+        f"## Execution options: `{args.options_model}` one-step, batch {batch}"
+        f"{', tiny decoder' if args.options_tiny else ', full VAE'}",
         "",
-        f"Median of {args.options_repeats} interleaved calls, each option over eager in the same round; kept where"
-        " the upper quartile of that ratio is below 0.97.",
+        f"Median of {args.options_repeats} interleaved rounds after {args.warmup} warm-up call(s), each option over"
+        " eager in the same round; kept where the upper quartile of that ratio is below 0.97 and the images (same"
+        f" seed) differ from eager's by at most {args.options_tolerance} grey levels (0-255) anywhere. The first call"
+        " (setup, and compilation for torch.compile) is reported apart.",
         "",
-        "| option | time / eager (IQR) | first call incl. setup/compile (s) | kept |",
-        "|---|---|---|---|",
+        "| option | time / eager (IQR) | ms per call | first call incl. setup/compile (s) | pixel diff vs eager:"
+        " max / mean | kept |",
+        "|---|---|---|---|---|---|",
     ]
     for e in entries:
         if "error" in e:
-            lines.append(f"| {e['option']} | failed: {e['error']} | | no |")
+            lines.append(f"| {e['option']} | failed: {e['error']} | | | | no |")
             continue
         low, high = e["ratio_iqr"]
         kept = "baseline" if e["option"] == "eager" else ("yes" if e["helps"] else "no")
-        lines.append(f"| {e['option']} | {e['ratio']:.3f} ({low:.3f}-{high:.3f}) | {e['first_call_s']:.1f} | {kept} |")
+        lines.append(
+            f"| {e['option']} | {e['ratio']:.3f} ({low:.3f}-{high:.3f}) | {e['ms']:.1f} | {e['first_call_s']:.1f} |"
+            f" {e['max_abs_pixel_diff']} / {e['mean_abs_pixel_diff']:.3f} | {kept} |"
+        )
     return lines
 
 
@@ -527,7 +646,9 @@ def plot(records: list[dict], path: Path) -> None:
             "UNet": [r["unet_ms"] for r in rows],
             "decode": [r["decode_ms"] for r in rows],
         }
-        overhead = [max(0.0, r["ms_per_image"] * r["batch"] - sum(p[i] for p in parts.values())) for i, r in enumerate(rows)]
+        overhead = [
+            max(0.0, r["ms_per_image"] * r["batch"] - sum(p[i] for p in parts.values())) for i, r in enumerate(rows)
+        ]
         left = [0.0] * len(rows)
         for (label, values), colour in zip([*parts.items(), ("rest of the call", overhead)],
                                            ["#8da0cb", "#66c2a5", "#fc8d62", "#cccccc"]):  # fmt: skip
@@ -598,7 +719,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--option-list",
         nargs="+",
-        default=["eager", "channels_last", "fused QKV", "bf16 autocast", "torch.compile", "torch.compile max-autotune"],
+        default=[
+            "eager",
+            "channels_last",
+            "fused QKV",
+            "bf16 autocast",
+            "torch.compile",
+            "torch.compile max-autotune",
+        ],
         help="Also `torch.compile reduce-overhead` (CUDA graphs, on a GPU).",
     )
     parser.add_argument(
@@ -606,17 +734,31 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="The device's datasheet dense peak, TFLOP/s.")
     parser.add_argument("--options-model", default="shapes-instaflow", help="An embedded model, sd15-256 or sd15-512.")
-    parser.add_argument("--options-batch", type=int, default=16)
+    parser.add_argument("--options-batch", type=int, nargs="+", default=[16])
+    parser.add_argument(
+        "--options-tolerance",
+        type=int,
+        default=2,
+        help="Largest pixel difference from eager's images (0-255) an option may make and still be kept.",
+    )
     parser.add_argument("--options-tiny", action="store_true", help="Options on the pipeline with the tiny decoder.")
     parser.add_argument("--options-repeats", type=int, default=7)
     parser.add_argument(
         "--decoder-goals", type=int, default=0, help="Also measure the tiny decoder's goals on this many prompts."
     )
+    parser.add_argument(
+        "--decode-bound", action="store_true", help="Also measure the bound a free decoder sets (Amdahl), per batch."
+    )
+    parser.add_argument("--bound-models", nargs="+", default=["shapes-instaflow"])
+    parser.add_argument("--bound-batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--bound-repeats", type=int, default=11)
     parser.add_argument("--decoder-goals-models", nargs="+", default=["shapes-instaflow", "shapes-snoopi"])
     parser.add_argument("--goals-batch", type=int, default=64)
     parser.add_argument("--goals-repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.md")
-    parser.add_argument("--plot", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "images" / "speed.png")
+    parser.add_argument(
+        "--plot", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "images" / "speed.png"
+    )
     args = parser.parse_args()
     if args.min_repeats < 1 or args.max_repeats < args.min_repeats:
         parser.error("need 1 <= --min-repeats <= --max-repeats.")
@@ -649,25 +791,38 @@ def main() -> None:
                 teacher_seconds = 2 * f["text"] + TEACHER_STEPS * f["unet x2"] + f["decode full"]
                 note = "*"
             for row in rows:
-                records.append({"size": size, **row_record(row, teacher_seconds, batch, unit_times), "teacher_note": note})
+                records.append(
+                    {"size": size, **row_record(row, teacher_seconds, batch, unit_times), "teacher_note": note}
+                )
             print(f"{size} batch {batch}: done", flush=True)
             write_report(args.out, header_lines(args, device) + table_lines(records), {"rows": records})  # so far
     lines = header_lines(args, device) + (table_lines(records) if records else [])
     record = {"argv": sys.argv[1:], "device": device_description(device), "rows": records}
+    if args.decode_bound:
+        bound_lines, record["decode_bound"] = decode_bound(args, device)
+        lines += ["", *bound_lines]
+        write_report(args.out, lines, record)  # so far
     if args.decoder_goals:
         goal_lines, record["decoder_goals"] = decoder_goals(args, device)
         lines += ["", *goal_lines]
     if args.options:
-        entries = measure_options(args, device)
-        lines += ["", *options_lines(entries, args)]
-        record["options"] = entries
+        record["options"] = {}
+        for batch in args.options_batch:
+            entries = measure_options(args, device, batch)
+            lines += ["", *options_lines(entries, args, batch)]
+            record["options"][str(batch)] = entries
+            write_report(args.out, lines, record)  # so far
     if args.flops:
         flops = count_flops(args, device)
         record["flops"] = flops
-        fraction = f", {100 * flops['tflops_per_s'] / args.peak_tflops:.1f}% of the {args.peak_tflops:g} TFLOP/s peak" if args.peak_tflops else ""
+        fraction = (
+            f", {100 * flops['tflops_per_s'] / args.peak_tflops:.1f}% of the {args.peak_tflops:g} TFLOP/s peak"
+            if args.peak_tflops
+            else ""
+        )
         lines += [
             "",
-            f"## FLOPs: `{args.options_model}` one-step call, batch {args.options_batch}",
+            f"## FLOPs: `{args.options_model}` one-step call, batch {args.options_batch[0]}",
             "",
             f"{flops['total_flops'] / 1e9:.1f} GFLOP counted (torch FlopCounterMode) in eager {args.dtype}:"
             f" {', '.join(f'{name} {n / 1e9:.1f}' for name, n in flops['per_module'].items())} GFLOP. Eager call"
