@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,8 +33,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -46,7 +54,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"An embedded model ({', '.join(assets.pipeline_names())}), a local folder or a Hub id.",
     )
     parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's).")
+    parser.add_argument("--guidance-scale", type=_finite_float, default=None, help="CFG scale (default: the model's).")
     parser.add_argument(
         "--negative-scale",
         type=_non_negative_float,
@@ -80,7 +88,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--guide-class", default=None, help="The class a PPAP classifier guides toward (needs --ppap)."
     )
     parser.add_argument(
-        "--guide-target", type=float, nargs="+", default=None, help="The values a PPAP regressor guides toward."
+        "--guide-target", type=_finite_float, nargs="+", default=None, help="The values a PPAP regressor guides toward."
     )
     parser.add_argument("--ppap-scale", type=_non_negative_float, default=None, help="PPAP scale (default: stored).")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
@@ -229,8 +237,8 @@ def ppap_kwargs(args: argparse.Namespace, pipe, parser: argparse.ArgumentParser)
         return {
             "guidance_fn": guidance.bind(class_label=args.guide_class, target=args.guide_target, scale=args.ppap_scale)
         }
-    except ValueError as error:
-        parser.error(f"--ppap: {error}")
+    except (ValueError, TypeError) as error:
+        parser.error(f"{flag_named_in(str(error), '--ppap')}: {error}")
 
 
 def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -263,6 +271,22 @@ CALL_ARGUMENT_FLAGS = {
     "oms_prompt": "--oms-prompt",
     "oms_guidance_scale": "--oms-guidance-scale",
 }
+# Further arguments an error from a pipeline or a guide may name, and their flags.
+ARGUMENT_FLAGS = {
+    **CALL_ARGUMENT_FLAGS,
+    "prompt": "--prompt/--prompts",
+    "class_label": "--guide-class",
+    "target": "--guide-target",
+    "scale": "--ppap-scale",
+    "height": "--model",
+    "width": "--model",
+}
+
+
+def flag_named_in(message: str, fallback: str | None) -> str | None:
+    """The flag behind the first `argument` an error message names, or `fallback`."""
+    found = [(message.find(f"`{name}"), flag) for name, flag in ARGUMENT_FLAGS.items() if f"`{name}" in message]
+    return min(found)[1] if found else fallback
 
 
 def check_call_arguments(pipe, settings: dict[str, Any], parser: argparse.ArgumentParser) -> None:
@@ -287,13 +311,17 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if args.prompts is not None:
         if not args.prompts.is_file():
             parser.error(f"--prompts {str(args.prompts)!r} does not exist or is not a file.")
-        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--prompts {str(args.prompts)!r} could not be read as UTF-8 text: {error}")
         if not prompts:
             parser.error(f"--prompts {str(args.prompts)!r} has no prompts.")
     else:
         prompts = [args.prompt]
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {str(args.out)!r} is a file; give a folder.")
+    blocking = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--out {str(args.out)!r}: {str(blocking)!r} is a file; give a folder.")
 
     pipe, metadata = load_pipeline(args.model, parser, args.decoder)
     pipe = attach_oms(pipe, args, parser)
@@ -429,13 +457,21 @@ def run_ppap_eval(args: argparse.Namespace, pipe, judge, settings: dict[str, Any
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, list) and not value:  # `--flag=--`: argparse (3.11) drops the "--" and skips `type`
+            parser.error(f"argument --{name.replace('_', '-')}: expected a value, got '--'")
     # A command prints its result, not the loading bars of every component.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    if args.command == "generate":
-        run_generate(args, parser)
-    else:
-        run_eval(args, parser)
+    try:
+        (run_generate if args.command == "generate" else run_eval)(args, parser)
+    except (ValueError, TypeError) as error:
+        # A setting the pipeline (or guide) refuses, by the argument its message names: an error for the flag
+        # that set it, not a traceback. Anything else is a bug and keeps its traceback.
+        flag = flag_named_in(str(error), None)
+        if flag is None:
+            raise
+        parser.error(f"{flag}: {error}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ rectified-flow velocity) and applies classifier guidance in that form (`conversi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -306,22 +307,45 @@ def objective_for(guidance, class_label, target, loss_fn: Callable | None) -> Ca
             raise ValueError(f"A classification guide takes `class_label` (one of {guidance.labels}), not `target`.")
         wanted = [class_label] if isinstance(class_label, (str, int)) else list(class_label)
         for label in wanted:
-            if not (isinstance(label, int) and 0 <= label < len(guidance.labels)) and label not in guidance.labels:
-                raise ValueError(f"`class_label` must be one of {guidance.labels} or an index, got {label!r}.")
+            is_index = isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(guidance.labels)
+            if not is_index and not (isinstance(label, str) and label in guidance.labels):
+                raise ValueError(f"`class_label` must be one of {guidance.labels} or an index, got {label!r:.100}.")
+        if not wanted:
+            raise ValueError("`class_label` is an empty list; give one label, or one per image.")
         indices = torch.tensor([label if isinstance(label, int) else guidance.labels.index(label) for label in wanted])
 
         def log_probability(outputs: torch.Tensor) -> torch.Tensor:
+            check_per_image("class_label", len(indices), outputs.shape[0])
             chosen = indices.to(outputs.device).expand(outputs.shape[0]) if len(indices) == 1 else indices.to(outputs.device)
             return F.log_softmax(outputs.float(), dim=1).gather(1, chosen[:, None]).squeeze(1)
 
         return log_probability
     if target is None or class_label is not None:
         raise ValueError(f"A regression guide takes `target` (values for {guidance.labels}), not `class_label`.")
-    target = torch.as_tensor(target, dtype=torch.float32)
-    if target.shape[-1] != len(guidance.labels):
-        raise ValueError(f"`target` must end in {len(guidance.labels)} values ({guidance.labels}), got shape {tuple(target.shape)}.")
+    try:
+        target = torch.as_tensor(target, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`target` must be numbers for {guidance.labels}, got {target!r:.100} ({error}).") from None
+    if target.ndim not in (1, 2) or target.shape[-1] != len(guidance.labels):
+        raise ValueError(
+            f"`target` must be {len(guidance.labels)} values ({guidance.labels}), or one row of them per image, got"
+            f" shape {tuple(target.shape)}."
+        )
+    if not torch.isfinite(target).all():
+        raise ValueError(f"`target` must be finite, got {target.tolist()}.")
     loss_fn = loss_fn or squared_error
-    return lambda outputs: -loss_fn(outputs.float(), target.to(outputs.device).expand_as(outputs))
+
+    def log_probability(outputs: torch.Tensor) -> torch.Tensor:
+        check_per_image("target", 1 if target.ndim == 1 else target.shape[0], outputs.shape[0])
+        return -loss_fn(outputs.float(), target.to(outputs.device).expand_as(outputs))
+
+    return log_probability
+
+
+def check_per_image(name: str, count: int, batch: int) -> None:
+    """A target given per image must have one entry per image of the batch being guided."""
+    if count not in (1, batch):
+        raise ValueError(f"`{name}` has {count} entries for a batch of {batch} images; give one, or one per image.")
 
 
 class GuidanceFunction:
@@ -337,8 +361,13 @@ class GuidanceFunction:
     """
 
     def __init__(self, predict, objective, scale: float = 1.0, grad_rms: float | None = None, min_log_snr: float = SD_LOG_SNR_RANGE[0]):
-        if grad_rms is not None and grad_rms <= 0:
-            raise ValueError(f"`grad_rms` must be positive or None, got {grad_rms}.")
+        for name, value in (("scale", scale), ("grad_rms", grad_rms)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise TypeError(f"`{name}` must be a number, got {value!r:.100}.")
+        if not math.isfinite(scale):
+            raise ValueError(f"`scale` must be a finite number, got {scale}.")
+        if grad_rms is not None and not (grad_rms > 0 and math.isfinite(grad_rms)):
+            raise ValueError(f"`grad_rms` must be a finite number > 0, or None, got {grad_rms}.")
         self.predict, self.objective = predict, objective
         self.scale, self.grad_rms, self.min_log_snr = float(scale), grad_rms, float(min_log_snr)
 

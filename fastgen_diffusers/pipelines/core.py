@@ -23,6 +23,7 @@ this class with their scheduler and defaults.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,13 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipeline, Stable
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_torch_xla_available, logging
+from diffusers.utils import (
+    USE_PEFT_BACKEND,
+    is_torch_xla_available,
+    logging,
+    scale_lora_layers,
+    unscale_lora_layers,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
@@ -61,6 +68,84 @@ GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SchedulerMixin]
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise a `ValueError` naming `name` unless `value` is an int >= 1 (a bool is not a count)."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r:.100}.")
+
+
+def check_image_size(height: Any, width: Any, vae_scale_factor: int) -> None:
+    """Raise a `ValueError` naming `height` or `width` unless each is a positive multiple of the VAE's factor."""
+    for name, value in (("height", height), ("width", width)):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r:.100}.")
+        if value % vae_scale_factor != 0:
+            raise ValueError(
+                f"`{name}` must be divisible by the VAE scale factor {vae_scale_factor}, got {value}; e.g."
+                f" {max(vae_scale_factor, value - value % vae_scale_factor)}."
+            )
+
+
+def check_text_embeds(name: str, embeds: Any, width: int | None) -> None:
+    """Raise an error naming `name` unless `embeds` is a finite (batch >= 1, tokens, `width`) tensor."""
+    if not isinstance(embeds, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor (batch, tokens, features), got {type(embeds).__name__}.")
+    if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1:
+        raise ValueError(
+            f"`{name}` must be a 3-D tensor (batch >= 1, tokens >= 1, features), got shape {tuple(embeds.shape)}."
+        )
+    if width is not None and embeds.shape[-1] != width:
+        raise ValueError(
+            f"`{name}` must have {width} features (the UNet's cross-attention width), got shape {tuple(embeds.shape)}."
+        )
+    if embeds.is_floating_point() and not torch.isfinite(embeds).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+
+
+def check_latents(latents: Any) -> None:
+    """Raise an error naming `latents` unless it is a finite 4-D tensor (its shape is checked where it is known)."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"`latents` must be a tensor, got {type(latents).__name__}.")
+    if latents.ndim != 4:
+        raise ValueError(f"`latents` must be a 4-D tensor (batch, channels, height, width), got shape {tuple(latents.shape)}.")
+    if latents.is_floating_point() and not torch.isfinite(latents).all():
+        raise ValueError("`latents` contains NaN or infinite values; the image would be garbage.")
+
+
+def check_generator(generator: Any, num_images: int) -> None:
+    """Raise an error naming `generator` unless it is None, a `torch.Generator`, or one per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or a list of them (one per image), got {generator!r:.100}."
+        )
+    if len(generator) != num_images:
+        raise ValueError(
+            f"`generator` is a list of {len(generator)} generators for {num_images} images (prompts x"
+            " num_images_per_prompt); pass one generator, or one per image."
+        )
+
+
+def prompt_batch_size(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """The guard around the decode: NaN or infinite values would come out as black or garbage images, silently."""
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"The {what} contain NaN or infinite values; the images would be black or garbage. In float16 (an"
+            " overflow), try float32 or bfloat16."
+        )
 
 
 class FastDiffusionPipeline(
@@ -154,7 +239,54 @@ class FastDiffusionPipeline(
         subclasses whose checkpoints save a scheduler their sampler cannot step replace or convert it."""
         return scheduler
 
-    encode_prompt = StableDiffusionPipeline.encode_prompt
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        lora_scale=None,
+        clip_skip=None,
+    ):
+        """Stable Diffusion's `encode_prompt`, with `clip_skip` also for a `CLIPTextModel` without the `.text_model`
+        wrapper (transformers 5 dropped it; Diffusers' own `clip_skip` path still reads it)."""
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            prompt_embeds = self.clip_skipped_prompt_embeds(prompt, device, clip_skip, lora_scale)
+            clip_skip = None
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def clip_skipped_prompt_embeds(self, prompt, device, clip_skip: int, lora_scale: float | None) -> torch.Tensor:
+        """The text encoder's hidden state `clip_skip` layers before the last, through its final layer norm."""
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        text_inputs = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        attention_mask = text_inputs.attention_mask.to(device) if use_mask else None
+        scale_lora = lora_scale is not None and USE_PEFT_BACKEND
+        if scale_lora:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        hidden_states = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)[-1]
+        embeds = self.text_encoder.final_layer_norm(hidden_states[-(clip_skip + 1)])
+        if scale_lora:
+            unscale_lora_layers(self.text_encoder, lora_scale)
+        return embeds.to(dtype=self.text_encoder.dtype, device=device)
+
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
 
@@ -176,32 +308,35 @@ class FastDiffusionPipeline(
         negative_attention=None,
         guidance_fn=None,
         callback_on_step_end_tensor_inputs=None,
+        eta=0.0,
+        generator=None,
+        clip_skip=None,
+        callback_on_step_end=None,
     ):
         """Raise a `ValueError` or `TypeError` that names the argument, before any model runs."""
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-            if value % self.vae_scale_factor != 0:
-                raise ValueError(
-                    f"`{name}` must be divisible by the VAE scale factor {self.vae_scale_factor}, got {value}."
-                )
+        check_image_size(height, width, self.vae_scale_factor)
 
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass at most one of `timesteps` and `sigmas`; both describe the sampling grid.")
-        if (
-            timesteps is None
-            and sigmas is None
-            and (
-                not isinstance(num_inference_steps, int)
-                or isinstance(num_inference_steps, bool)
-                or num_inference_steps < 1
-            )
-        ):
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if timesteps is None and sigmas is None:
+            check_positive_int("num_inference_steps", num_inference_steps)
+        for name, grid in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if grid is not None and name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"`{name}`: {type(self.scheduler).__name__}.set_timesteps takes no custom `{name}`; pass"
+                    " `num_inference_steps`."
+                )
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale):
-            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r:.100}.")
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        if not _is_number(eta) or not math.isfinite(eta):
+            raise ValueError(f"`eta` must be a finite number, got {eta!r:.100}.")
+        num_layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip is not None and (not _is_int(clip_skip) or not 0 <= clip_skip <= num_layers):
+            raise ValueError(
+                f"`clip_skip` must be an integer in [0, {num_layers}] (the text encoder has {num_layers} layers),"
+                f" got {clip_skip!r:.100}."
+            )
 
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Cannot forward both `prompt` and `prompt_embeds`. Please forward only one of the two.")
@@ -222,47 +357,49 @@ class FastDiffusionPipeline(
                 raise TypeError(
                     f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r:.200}."
                 )
-            batch_size = (
-                1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-            )
+            if prompt_embeds is not None:
+                check_text_embeds("prompt_embeds", prompt_embeds, None)
+            batch_size = prompt_batch_size(prompt, prompt_embeds)
             if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
                 raise ValueError(
                     f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch_size} prompts; pass one"
                     " negative prompt, or one per prompt."
                 )
+        width = self.unet.config.cross_attention_dim
+        width = width if isinstance(width, int) and self.unet.config.encoder_hid_dim is None else None
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is None:
-                continue
-            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-                raise ValueError(f"`{name}` must be a 3-D tensor (batch, tokens, features), got {_describe(embeds)}.")
-            if not torch.isfinite(embeds).all():
-                raise ValueError(f"`{name}` contains NaN or infinite values.")
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and prompt_embeds.shape != negative_prompt_embeds.shape
-        ):
-            raise ValueError(
-                "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but got"
-                f" {tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}."
-            )
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor):
-                raise TypeError(f"`latents` must be a tensor, got {type(latents).__name__}.")
-            if not torch.isfinite(latents).all():
-                raise ValueError("`latents` contains NaN or infinite values; the image would be garbage.")
+            if embeds is not None:
+                check_text_embeds(name, embeds, width)
+        if negative_prompt_embeds is not None:
+            batch_size = prompt_batch_size(prompt, prompt_embeds)
+            if negative_prompt_embeds.shape[0] != batch_size:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has batch {negative_prompt_embeds.shape[0]} but there are {batch_size}"
+                    " prompts; pass one negative embedding per prompt."
+                )
+            tokens = prompt_embeds.shape[1] if prompt_embeds is not None else self.tokenizer.model_max_length
+            if guidance_scale > 1 and negative_prompt_embeds.shape[1] != tokens:
+                raise ValueError(
+                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but the prompt's embeddings"
+                    f" have {tokens}; classifier-free guidance batches them together, so they must match."
+                )
+        check_latents(latents)
+        check_generator(generator, prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt)
 
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r:.100}.")
         self.check_negative_attention_inputs(guidance_scale, negative_attention)
         if guidance_fn is not None and not callable(guidance_fn):
             raise TypeError(f"`guidance_fn` must be callable, got {type(guidance_fn).__name__}.")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
+        if callback_on_step_end_tensor_inputs is not None and (
+            not isinstance(callback_on_step_end_tensor_inputs, (list, tuple))
+            or not all(k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs)
         ):
             raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
-                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+                f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs},"
+                f" got {callback_on_step_end_tensor_inputs!r:.100}."
             )
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
@@ -282,6 +419,18 @@ class FastDiffusionPipeline(
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    def checked_guidance(self, guidance_fn: GuidanceFn, model_output, latents, timestep) -> torch.Tensor:
+        """`guidance_fn`'s model output, refused (naming it) when it changes the shape or is not finite."""
+        guided = guidance_fn(model_output, latents, timestep, self.scheduler)
+        if not isinstance(guided, torch.Tensor) or guided.shape != model_output.shape:
+            raise ValueError(
+                f"`guidance_fn` must return a tensor of the model output's shape {tuple(model_output.shape)}, got"
+                f" {_describe(guided)}."
+            )
+        if not torch.isfinite(guided).all():
+            raise ValueError(f"`guidance_fn` returned NaN or infinite values at timestep {float(timestep):g}.")
+        return guided
+
     def decode_latents_to_images(self, latents, output_type, device, dtype, generator):
         """The decode and the optional safety check; `output_type="latent"` returns the latents as they are."""
         if output_type == "latent":
@@ -289,6 +438,7 @@ class FastDiffusionPipeline(
         image = self.vae.decode(
             latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
         )[0]
+        check_finite(image, "decoded images")
         image, has_nsfw_concept = self.run_safety_checker(image, device, dtype)
         do_denormalize = (
             [True] * image.shape[0] if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
@@ -419,8 +569,10 @@ class FastDiffusionPipeline(
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 0. Default height, width and steps
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height is None:
+            height = self.unet.config.sample_size * self.vae_scale_factor
+        if width is None:
+            width = self.unet.config.sample_size * self.vae_scale_factor
         if num_inference_steps is None:
             num_inference_steps = self.default_num_inference_steps
 
@@ -442,6 +594,10 @@ class FastDiffusionPipeline(
             negative_attention,
             guidance_fn,
             callback_on_step_end_tensor_inputs,
+            eta,
+            generator,
+            clip_skip,
+            callback_on_step_end,
         )
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
@@ -529,7 +685,7 @@ class FastDiffusionPipeline(
                         model_output_text - model_output_uncond
                     )
                 if guidance_fn is not None:
-                    model_output = guidance_fn(model_output, latents, t, self.scheduler)
+                    model_output = self.checked_guidance(guidance_fn, model_output, latents, t)
 
                 # compute the previous noisy sample x_t -> x_t-1
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -540,6 +696,8 @@ class FastDiffusionPipeline(
                         callback_kwargs[k] = locals()[k]
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
 
+                    if "latents" in callback_outputs:
+                        check_callback_latents(callback_outputs["latents"], latents.shape)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
@@ -552,6 +710,7 @@ class FastDiffusionPipeline(
                     xm.mark_step()
 
         # 8. Decode
+        check_finite(latents, "sampled latents")
         image, has_nsfw_concept = self.decode_latents_to_images(
             latents, output_type, device, prompt_embeds.dtype, generator
         )
@@ -563,6 +722,16 @@ class FastDiffusionPipeline(
             return (image, has_nsfw_concept)
 
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+
+def check_callback_latents(latents: Any, shape: torch.Size) -> None:
+    """The latents a step-end callback hands back: a finite tensor of the loop's shape, or an error naming it."""
+    if not isinstance(latents, torch.Tensor) or latents.shape != shape:
+        raise ValueError(
+            f"`callback_on_step_end` must return `latents` of shape {tuple(shape)}, got {_describe(latents)}."
+        )
+    if not torch.isfinite(latents).all():
+        raise ValueError("`callback_on_step_end` returned `latents` with NaN or infinite values.")
 
 
 def _describe(value: Any) -> str:

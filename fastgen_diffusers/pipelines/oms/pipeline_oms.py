@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -35,6 +36,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ...models.oms import OMSModel, predicted_original_sample
+from ..core import (
+    check_generator,
+    check_image_size,
+    check_latents,
+    check_positive_int,
+    check_text_embeds,
+    prompt_batch_size,
+)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -256,30 +265,77 @@ class OMSPipeline(DiffusionPipeline):
         model_input_scale = scheduler.scale_model_input(torch.ones(1, device=device), first).float().cpu()
         return alpha_prod, model_input_scale, float(scheduler.init_noise_sigma)
 
-    def check_inputs(self, prompt, oms_prompt, oms_negative_prompt, oms_guidance_scale, prompt_embeds, oms_prompt_embeds):
+    def check_inputs(
+        self,
+        prompt,
+        oms_prompt,
+        oms_negative_prompt,
+        oms_guidance_scale,
+        prompt_embeds,
+        oms_prompt_embeds,
+        oms_negative_prompt_embeds=None,
+        num_inference_steps=None,
+        num_images_per_prompt=1,
+        height=None,
+        width=None,
+        generator=None,
+        latents=None,
+    ):
+        """Raise a `ValueError` or `TypeError` naming the argument, before the module runs: what the OMS step reads
+        itself is checked here (the base pipeline checks the rest when it is called)."""
         if self.base_pipeline is None:
             raise ValueError("The OMS pipeline has no `base_pipeline`; load it with `base_pipeline=` or call `set_base_pipeline`.")
         if not isinstance(oms_guidance_scale, (int, float)) or isinstance(oms_guidance_scale, bool):
-            raise TypeError(f"`oms_guidance_scale` must be a number, got {oms_guidance_scale!r}.")
-        if oms_guidance_scale < 0:
-            raise ValueError(f"`oms_guidance_scale` must be >= 0 (1 turns OMS's guidance off), got {oms_guidance_scale}.")
+            raise TypeError(f"`oms_guidance_scale` must be a number, got {oms_guidance_scale!r:.100}.")
+        if not oms_guidance_scale >= 0 or not math.isfinite(oms_guidance_scale):
+            raise ValueError(
+                f"`oms_guidance_scale` must be a finite number >= 0 (1 turns OMS's guidance off), got {oms_guidance_scale}."
+            )
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`. Cannot leave both undefined.")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r:.200}.")
+        if prompt_embeds is not None:
+            check_text_embeds("prompt_embeds", prompt_embeds, None)
         if oms_prompt is not None and oms_prompt_embeds is not None:
             raise ValueError("Pass at most one of `oms_prompt` and `oms_prompt_embeds`.")
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else None
-        if batch_size is None and prompt_embeds is not None:
-            batch_size = prompt_embeds.shape[0]
+        if oms_negative_prompt is not None and oms_negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `oms_negative_prompt` and `oms_negative_prompt_embeds`.")
+        batch_size = prompt_batch_size(prompt, prompt_embeds)
         for name, value in (("oms_prompt", oms_prompt), ("oms_negative_prompt", oms_negative_prompt)):
             if value is None:
                 continue
             if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
                 raise TypeError(f"`{name}` must be a string or a list of strings, got {value!r:.200}.")
-            if isinstance(value, list) and batch_size is not None and len(value) != batch_size:
+            if isinstance(value, list) and len(value) != batch_size:
                 raise ValueError(f"`{name}` has {len(value)} entries but there are {batch_size} prompts.")
-        if oms_prompt is None and oms_prompt_embeds is None and prompt is None and self.oms_text_encoder is not None:
-            raise ValueError(
-                "With `prompt_embeds` and a module that has its own text encoder, pass `oms_prompt` or"
-                " `oms_prompt_embeds`: the base's embeddings are not the module's."
-            )
+        width_of_text = self.oms_model.config.cross_attention_dim
+        for name, embeds in (("oms_prompt_embeds", oms_prompt_embeds), ("oms_negative_prompt_embeds", oms_negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            check_text_embeds(name, embeds, width_of_text)
+            if embeds.shape[0] != batch_size:
+                raise ValueError(f"`{name}` has batch {embeds.shape[0]} but there are {batch_size} prompts.")
+        if oms_prompt is None and oms_prompt_embeds is None and prompt is None:
+            if self.oms_text_encoder is not None:
+                raise ValueError(
+                    "With `prompt_embeds` and a module that has its own text encoder, pass `oms_prompt` or"
+                    " `oms_prompt_embeds`: the base's embeddings are not the module's."
+                )
+            check_text_embeds("prompt_embeds", prompt_embeds, width_of_text)
+        if num_inference_steps is not None:
+            check_positive_int("num_inference_steps", num_inference_steps)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_image_size(height, width, self.base_vae_scale_factor)
+        check_latents(latents)
+        check_generator(generator, batch_size * num_images_per_prompt)
+
+    @property
+    def base_vae_scale_factor(self) -> int:
+        base = self.base_pipeline
+        return getattr(base, "vae_scale_factor", 2 ** (len(base.vae.config.block_out_channels) - 1))
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -339,23 +395,31 @@ class OMSPipeline(DiffusionPipeline):
         Returns:
             What the base pipeline returns.
         """
+        if not isinstance(oms, bool):
+            raise TypeError(f"`oms` must be True or False, got {oms!r:.100}.")
         if not oms:
             return self._call_base(prompt, num_inference_steps, num_images_per_prompt, height, width, generator,
                                    latents, prompt_embeds, base_kwargs)
         if oms_guidance_scale is None:
             oms_guidance_scale = self.config.default_oms_guidance_scale
-        self.check_inputs(prompt, oms_prompt, oms_negative_prompt, oms_guidance_scale, prompt_embeds, oms_prompt_embeds)
+        if self.base_pipeline is None:
+            raise ValueError("The OMS pipeline has no `base_pipeline`; load it with `base_pipeline=` or call `set_base_pipeline`.")
         base = self.base_pipeline
         device = base._execution_device
+        vae_scale_factor = self.base_vae_scale_factor
+        if height is None:
+            height = base.unet.config.sample_size * vae_scale_factor
+        if width is None:
+            width = base.unet.config.sample_size * vae_scale_factor
+        self.check_inputs(prompt, oms_prompt, oms_negative_prompt, oms_guidance_scale, prompt_embeds, oms_prompt_embeds,
+                          oms_negative_prompt_embeds, num_inference_steps, num_images_per_prompt, height, width,
+                          generator, latents)  # fmt: skip
 
         # 1. The base's sampling grid and image size, with its own defaults
         if num_inference_steps is None and base_kwargs.get("timesteps") is None and base_kwargs.get("sigmas") is None:
             num_inference_steps = getattr(base, "default_num_inference_steps", None)
             if num_inference_steps is None:
                 num_inference_steps = inspect.signature(base.__call__).parameters["num_inference_steps"].default
-        vae_scale_factor = getattr(base, "vae_scale_factor", 2 ** (len(base.vae.config.block_out_channels) - 1))
-        height = height or base.unet.config.sample_size * vae_scale_factor
-        width = width or base.unet.config.sample_size * vae_scale_factor
         alpha_prod, model_input_scale, init_noise_sigma = self.base_first_step(
             num_inference_steps, base_kwargs.get("timesteps"), base_kwargs.get("sigmas"), device
         )
