@@ -60,8 +60,8 @@ def test_judge_accepts_vae_reconstructions_and_rejects_defects(judge, eval_rows)
     defects = defect_images(20, seed=3)
     assert set(defects) == set(DEFECT_KINDS)
     rates = {kind: np.mean([a == Attributes() for a in judge.read(images, reject=True)]) for kind, images in defects.items()}
-    # Two colours on a small shape and blends of similar colours are the hardest (docs/open-prompts.md).
-    assert min(rates.values()) >= 0.5 and np.mean(list(rates.values())) >= 0.85, rates
+    # Blends of similar colours are the hardest (docs/open-prompts.md: 93% of 60 rejected, every other kind >= 98%).
+    assert min(rates.values()) >= 0.8 and np.mean(list(rates.values())) >= 0.9, rates
 
 
 def test_rejected_image_reads_as_nothing_and_counts_as_wrong(judge):

@@ -10,7 +10,14 @@ difference (0-255 grey levels, over pixels and channels) between the image and t
 
 Clean images sit near 0 (the search grid and 4x supersampling against the renderer's 8x leave a small
 floor); a VAE's reconstructions of them somewhat higher; blends, several shapes, several colours and speckle far
-higher. The count of pixels the drawing leaves unexplained is the judge's reject answer (`judge.py`).
+higher.
+
+The pixels the drawing leaves unexplained are of two kinds, and the judge's reject answer (`judge.py`) counts them
+apart. A *foreign* pixel has a colour that no mix of the drawing's background and fill can give (its distance
+from the segment between the two colours is above `UNEXPLAINED_LEVEL`): a second colour, a blend, speckle. A
+*misplaced* pixel has a colour of the drawing but in the wrong place, more than `OUTLINE_TOLERANCE` pixels from the
+drawing's outline: a second shape, a stray mark, or an outline far off the shape's. Within that band of the
+outline a deviation is a sloppy edge of the one shape, which the CNN's shape reading judges, not a second object.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .captions import BACKGROUNDS, COLOURS, SHAPES
 from .render import BACKGROUND_JITTER, COLOUR_JITTER, GRID_CENTRES, HALF_EXTENTS, IMAGE_SIZE, POSITION_JITTER
@@ -32,6 +40,7 @@ RADIUS_FACTORS = (0.95, 0.975, 1.0, 1.025, 1.05)  # the renderer draws r = half 
 # A pixel the drawing does not explain differs from it by more than this in some channel (grey levels): more
 # than an anti-aliased edge a quarter pixel off, less than half the contrast of any palette colour on any grey.
 UNEXPLAINED_LEVEL = 40.0
+OUTLINE_TOLERANCE = 1.0  # pixels from the drawing's outline within which a misplaced pixel is an edge deviation
 
 _GREY_LEVELS = np.array(sorted(BACKGROUNDS.values()), dtype=np.float64)
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
@@ -44,6 +53,8 @@ class DrawingFit:
 
     distance: float  # RMS difference, grey levels 0-255
     unexplained_pixels: int  # pixels that differ from the drawing by more than UNEXPLAINED_LEVEL in some channel
+    foreign_pixels: int  # pixels whose colour no mix of the fitted background and fill explains
+    misplaced_pixels: int  # unexplained pixels of the drawing's colours, beyond OUTLINE_TOLERANCE of its outline
     shape: str
     centre: tuple[float, float]
     half_extent: float
@@ -157,6 +168,24 @@ def _best_fill(pixels: np.ndarray, window_pixels: np.ndarray, masks: np.ndarray)
     return int(np.argmin(residual)), residual, grey, fill
 
 
+def colour_line_distance(image: np.ndarray, background: float, fill: np.ndarray) -> np.ndarray:
+    """Per pixel, the largest channel distance from the colour segment between `background` (grey) and `fill`.
+
+    Every anti-aliased or blurred edge pixel lies on that segment (a mix of the two colours); a pixel off it shows
+    a colour the drawing does not have.
+    """
+    pixels = image.astype(np.float64)
+    start = np.full(3, float(background))
+    direction = np.asarray(fill, dtype=np.float64) - start
+    mix = np.clip(((pixels - start) @ direction) / max(float(direction @ direction), 1e-9), 0.0, 1.0)
+    return np.abs(pixels - (start + mix[..., None] * direction)).max(-1)
+
+
+def distance_from_outline(inside: np.ndarray) -> np.ndarray:
+    """Per pixel, the distance in pixels to the nearest pixel on the other side of the boolean mask's outline."""
+    return np.where(inside, ndimage.distance_transform_edt(inside), ndimage.distance_transform_edt(~inside))
+
+
 def fit_drawing(image: np.ndarray, shape: str) -> DrawingFit:
     """The clean ShapesWorld drawing of `shape` nearest to one (32, 32, 3) uint8 image, and its RMS distance.
 
@@ -181,10 +210,14 @@ def fit_drawing(image: np.ndarray, shape: str) -> DrawingFit:
     coverage = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 1))
     coverage[y0 : y0 + WINDOW, x0 : x0 + WINDOW, 0] = masks[best].reshape(WINDOW, WINDOW)
     drawing = grey[best] * (1 - coverage) + fill[best] * coverage
-    unexplained = int((np.abs(image.astype(np.float64) - drawing).max(-1) > UNEXPLAINED_LEVEL).sum())
+    unexplained = np.abs(image.astype(np.float64) - drawing).max(-1) > UNEXPLAINED_LEVEL
+    foreign = colour_line_distance(image, grey[best, 0], fill[best]) > UNEXPLAINED_LEVEL
+    misplaced = unexplained & ~foreign & (distance_from_outline(coverage[..., 0] > 0.5) > OUTLINE_TOLERANCE)
     return DrawingFit(
         distance=float(np.sqrt(max(residual[best], 0.0) / pixels.size)),
-        unexplained_pixels=unexplained,
+        unexplained_pixels=int(unexplained.sum()),
+        foreign_pixels=int(foreign.sum()),
+        misplaced_pixels=int(misplaced.sum()),
         shape=shape,
         centre=(float(X[best]), float(Y[best])),
         half_extent=float(R[best]),
