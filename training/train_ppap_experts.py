@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.AdamW(
             [p for p in guidance.experts.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
         )  # fmt: skip
-        dataloader = DataLoader(train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+        dataloader = DataLoader(  # its own generator: without one, each new iterator draws from the global RNG
+            train_set, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed),
+        )  # fmt: skip
         model, optimizer, dataloader = accelerator.prepare(guidance.experts, optimizer, dataloader)
         if resume_path is not None:
             # All experts' weights so far and the optimizer (the previous expert's, if this one has not started).

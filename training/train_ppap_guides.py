@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     dataloader = DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=GuideCollator(args.task), drop_last=True,
         num_workers=args.dataloader_num_workers,
+        # Its own generator: without one, each new iterator (a resume's too) draws from the global RNG.
+        generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
     net, optimizer, dataloader = accelerator.prepare(net, optimizer, dataloader)
 

@@ -36,6 +36,7 @@ from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.hub import hub_base_model, push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.run import (
     end_step,
+    fingerprints,
     optimizer_step,
     progress_bar,
     resume_or_seed,
@@ -217,18 +218,24 @@ def main(argv: list[str] | None = None) -> None:
         collate_fn=PixelCollator(resolution),
         drop_last=True,
         num_workers=args.dataloader_num_workers,
+        # Its own generator: without one, each new iterator (a resume's too) draws from the global RNG.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     decoder, optimizer, dataloader = accelerator.prepare(decoder, optimizer, dataloader)
 
     global_step = resume_or_seed(accelerator, args, "train_tiny_decoder")
     batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
-    generator = torch.Generator(accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
+    generator = torch.Generator(accelerator.device)  # seeded at each batch from this process's checkpointed RNG
     fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(accelerator.device)
 
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
+    samples = []  # for the step journal: each image identifies its row
     for pixels in batches:
         if global_step >= args.max_train_steps:
             break
+        samples.append(fingerprints(pixels))
+        # From the global RNG, which a checkpoint restores: a resumed run draws the noise an uninterrupted one would.
+        generator.manual_seed(int(torch.randint(2**62, ())))
         with accelerator.accumulate(decoder):
             latents, target = teacher_latents_and_images(vae, pixels, args.latent_noise_std, generator)
             with accelerator.autocast():
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        if end_step(accelerator, args, progress, global_step, {"loss": loss.item()}):
+        if end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples):
             with torch.no_grad():
                 latents, full = teacher_latents_and_images(vae, fixed_pixels, 0.0)
                 fast = accelerator.unwrap_model(decoder)(latents)
