@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_prompt_args(parser)
     args = parser.parse_args(argv)
 
-    arguments.check_positive(args, "num_pairs", "shard_size", "batch_size", "num_inference_steps")
+    arguments.check_shared_flags(args)
     check_prompt_args(args)
     return args
 

@@ -99,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--ema_decay` must lie in (0, 1), got {args.ema_decay}.")
     if args.train_data_dir is not None and args.dataset_name != SHAPESWORLD:
         raise ValueError("Pass `--dataset_name` or `--train_data_dir`, not both.")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not a folder.")
     return args
 
 

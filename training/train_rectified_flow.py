@@ -127,6 +127,8 @@ def usage_snippet(args: argparse.Namespace, prompt: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not reflow.complete_shards(args.pairs_dir):  # fail before loading anything
+        raise ValueError(f"`--pairs_dir` {args.pairs_dir!r} holds no complete shard; run generate_reflow_pairs.py.")
     lpips_model = reflow.load_lpips() if args.loss == "lpips" else None  # fail before loading anything else
     output_dir = Path(args.output_dir)
 
