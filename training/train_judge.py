@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             global_step += 1
-            run.end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples)
+            logs = run.mean_over_processes(accelerator, loss=loss)  # the global batch's, not process 0's
+            run.end_step(accelerator, args, progress, global_step, logs, samples=samples)
 
     # 3. The network, its accuracy on held-out images, and its card.
     accelerator.wait_for_everyone()

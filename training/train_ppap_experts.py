@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,6 +46,7 @@ from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
 from fastgen_diffusers.training.run import (
     fingerprints,
+    mean_over_processes,
     optimizer_step,
     record_step,
     resumed_batches,
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     global_step = 0
     resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        global_step = checkpoint_step(resume_path)
+        global_step = checkpoint_step(resume_path)  # each process's random state comes back with the checkpoint
+    else:
+        set_seed(args.seed, device_specific=True)  # each process its own noise and log-SNRs, as `run.resume_or_seed`
     trim_step_journal(accelerator, output_dir, global_step)
     optimizer_state = None
     progress = tqdm(range(args.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process)
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_step += 1
             progress.update(1)
             progress.set_postfix(expert=stage, loss=loss.item())
-            record_step(accelerator, output_dir, global_step, {"expert": stage, "loss": loss.item()}, samples)
+            logs = {"expert": stage, **mean_over_processes(accelerator, loss=loss)}  # the global batch's loss
+            record_step(accelerator, output_dir, global_step, logs, samples)
             if global_step % args.checkpointing_steps == 0 or stage_step == steps_per_expert:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
         optimizer_state = optimizer.state_dict()

@@ -32,6 +32,7 @@ from fastgen_diffusers.training.data import images_to_tensor
 from fastgen_diffusers.training.run import (
     end_step,
     fingerprints,
+    mean_over_processes,
     optimizer_step,
     progress_bar,
     resume_or_seed,
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples)
+        logs = mean_over_processes(accelerator, loss=loss)  # the global batch's, not process 0's
+        end_step(accelerator, args, progress, global_step, logs, samples=samples)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

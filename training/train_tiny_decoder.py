@@ -37,6 +37,7 @@ from fastgen_diffusers.training.hub import hub_base_model, push_to_hub_or_exit, 
 from fastgen_diffusers.training.run import (
     end_step,
     fingerprints,
+    mean_over_processes,
     optimizer_step,
     progress_bar,
     resume_or_seed,
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         if not accelerator.sync_gradients:
             continue
         global_step += 1
-        if end_step(accelerator, args, progress, global_step, {"loss": loss.item()}, samples=samples):
+        logs = mean_over_processes(accelerator, loss=loss)  # the global batch's, not process 0's
+        if end_step(accelerator, args, progress, global_step, logs, samples=samples):
             with torch.no_grad():
                 latents, full = teacher_latents_and_images(vae, fixed_pixels, 0.0)
                 fast = accelerator.unwrap_model(decoder)(latents)
