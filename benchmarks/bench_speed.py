@@ -478,87 +478,85 @@ def decode_bound(args, device: str) -> tuple[list[str], list[dict]]:
 
 
 def decoder_goals(args, device: str) -> tuple[list[str], list[dict]]:
-    """For each one-step ShapesWorld model, in one run: the call's time with the tiny decoder over the full VAE
-    (interleaved), judge adherence with each on the same evaluation prompts and seeds, and the tiny decoder's pixel
-    error against the full decoder's images."""
+    """For each one-step ShapesWorld model, in one run: the call's time with each tiny decoder over the full VAE
+    (interleaved, order rotating), the project's evaluation of each decoder's images on the same prompts and seeds
+    (adherence with the judge's reject, as `fastgen eval`; without it; the reject rate; fidelity, the mean distance
+    to the nearest clean drawing), and each tiny decoder's pixel error against the full decoder's images."""
     from fastgen_diffusers.shapes import evaluation_prompts
-    from fastgen_diffusers.shapes.evaluate import generate_images
+    from fastgen_diffusers.shapes.evaluate import generate_images, judged, reject_and_fidelity
     from fastgen_diffusers.shapes.judge import ShapesJudge, to_uint8_array
     from fastgen_diffusers.shapes.metrics import attribute_adherence
 
     judge = ShapesJudge.from_pretrained()
     prompts = evaluation_prompts(args.decoder_goals, seed=0)
-    tiny = load_tiny_decoder("shapes", args.tiny_decoder, device, torch.float32)
+    prompted = [p.attributes for p in prompts]
+    decoders = {name: load_tiny_decoder("shapes", name, device, torch.float32) for name in args.goals_decoders}
     results = []
-    for name in args.decoder_goals_models:
-        full_pipe, steps, guidance = load_shapes(name, device, torch.float32)
-        tiny_pipe = FastPipeline.from_pretrained(name, vae=tiny).to(device)
-        tiny_pipe.set_progress_bar_config(disable=True)
+    for model in args.decoder_goals_models:
+        full_pipe, steps, guidance = load_shapes(model, device, torch.float32)
+        pipes = {"full VAE": full_pipe}
+        for name, tiny in decoders.items():
+            pipes[name] = FastPipeline.from_pretrained(model, vae=tiny).to(device)
+            pipes[name].set_progress_bar_config(disable=True)
         settings = {"num_inference_steps": steps, "guidance_scale": guidance}
         calls = {
             decoder: (lambda p=pipe: p(prompt=[PROMPT] * args.goals_batch, **settings, output_type="pil"))
-            for decoder, pipe in (("full", full_pipe), ("tiny", tiny_pipe))
+            for decoder, pipe in pipes.items()
         }
         for call in calls.values():
             call()
         times = {decoder: [] for decoder in calls}
-        for _ in range(args.goals_repeats):
-            for decoder, call in calls.items():
-                times[decoder].append(timed(call, device))
-        per_round = [t / f for t, f in zip(times["tiny"], times["full"])]
-        images, adherence = {}, {}
-        for decoder, pipe in (("full", full_pipe), ("tiny", tiny_pipe)):
-            images[decoder] = generate_images(pipe, [p.caption for p in prompts], seed=0, batch_size=64, **settings)
-            adherence[decoder] = attribute_adherence(judge.read(images[decoder]), [p.attributes for p in prompts])
-            if "reject" in inspect.signature(judge.read).parameters:  # a judge that can reject unclean images
-                read = judge.read(images[decoder], reject=False)
-                adherence[f"{decoder} unrejected"] = attribute_adherence(read, [p.attributes for p in prompts])
-        full_pixels = to_uint8_array(images["full"]).astype(float)
-        tiny_pixels = to_uint8_array(images["tiny"]).astype(float)
-        results.append({
-            "model": name, "time_ratio": median(per_round), "time_ratio_iqr": interquartile(per_round),
-            "full_ms": 1000 * median(times["full"]), "tiny_ms": 1000 * median(times["tiny"]),
-            "adherence_full": adherence["full"], "adherence_tiny": adherence["tiny"],
-            "adherence_unrejected": {d: adherence.get(f"{d} unrejected") for d in ("full", "tiny")},
-            "pixel_mae": float(abs(tiny_pixels - full_pixels).mean()),
-            "pixel_rmse": float(((tiny_pixels - full_pixels) ** 2).mean() ** 0.5),
-        })  # fmt: skip
-    columns = ["all", "shape", "colour", "size", "position", "background"]
+        order = list(calls)
+        for round_index in range(args.goals_repeats):
+            shift = round_index % len(order)
+            for decoder in order[shift:] + order[:shift]:
+                times[decoder].append(timed(calls[decoder], device))
+        full_pixels = None
+        for decoder, pipe in pipes.items():
+            images = generate_images(pipe, [p.caption for p in prompts], seed=0, batch_size=64, **settings)
+            predicted, fits = judged(judge, images)
+            pixels = to_uint8_array(images).astype(float)
+            full_pixels = pixels if full_pixels is None else full_pixels
+            per_round = [t / f for t, f in zip(times[decoder], times["full VAE"])]
+            results.append({
+                "model": model, "decoder": decoder, "time_ratio": median(per_round),
+                "time_ratio_iqr": interquartile(per_round), "ms": 1000 * median(times[decoder]),
+                "adherence": attribute_adherence(predicted, prompted),
+                "adherence_unrejected": attribute_adherence(judge.read(images, reject=False), prompted),
+                **reject_and_fidelity(predicted, fits),
+                "pixel_mae": float(abs(pixels - full_pixels).mean()),
+                "pixel_rmse": float(((pixels - full_pixels) ** 2).mean() ** 0.5),
+            })  # fmt: skip
+            print(f"goals {model} {decoder}: adherence {results[-1]['adherence']['all']:.3f}", flush=True)
+    columns = ["shape", "colour", "size", "position", "background"]
     lines = [
-        f"## The tiny decoder's goals (`{args.tiny_decoder}`)",
+        "## The tiny decoder's goals",
         "",
-        f"One run: each model's one-step call at batch {args.goals_batch} with the tiny decoder over the same call"
-        f" with the full VAE (median of {args.goals_repeats} interleaved pairs, IQR); adherence on the first"
-        f" {args.decoder_goals} evaluation prompts (seed 0, same seeds for both decoders, so only the decoder"
-        " differs); pixel error of the tiny decoder's images against the full decoder's, 0-255.",
+        f"One run: each model's one-step call at batch {args.goals_batch} with each decoder, over the same call with"
+        f" the full VAE (median of {args.goals_repeats} interleaved rounds, IQR); the evaluation of each decoder's"
+        f" images on the first {args.decoder_goals} evaluation prompts (seed 0, the same seeds for every decoder,"
+        " so only the decoder differs): adherence with the judge's reject (as `fastgen eval`; points against the"
+        " full VAE), per attribute, without the reject, the reject rate, fidelity (mean distance to the nearest clean"
+        " drawing, lower is better; x the full VAE's) and the pixel error against the full decoder's images (0-255)."
+        " Goals: adherence within 1 point, fidelity or pixel error within 1.1x, call time <= 0.5x.",
         "",
-        "| model | call time tiny / full (IQR) | full ms | tiny ms | adherence all: full -> tiny (points) | "
-        + " | ".join(columns[1:])
-        + " (full -> tiny) | pixel MAE | pixel RMSE |",
-        "|---|---|---|---|---|" + "---|" * (len(columns) - 1) + "---|---|",
+        "| model | decoder | call / full VAE (IQR) | ms | adherence all (points) | "
+        + " | ".join(columns)
+        + " | all, no reject | rejected | fidelity (x full) | pixel MAE | pixel RMSE |",
+        "|---|---|---|---|---|" + "---|" * len(columns) + "---|---|---|---|---|",
     ]
     for r in results:
+        full = next(f for f in results if f["model"] == r["model"] and f["decoder"] == "full VAE")
         low, high = r["time_ratio_iqr"]
-        full, fast = r["adherence_full"], r["adherence_tiny"]
+        delta = 100 * (r["adherence"]["all"] - full["adherence"]["all"])
         lines.append(
-            f"| {r['model']} | {r['time_ratio']:.3f} ({low:.3f}-{high:.3f}) | {r['full_ms']:.0f} | {r['tiny_ms']:.0f} |"
-            f" {100 * full['all']:.1f} -> {100 * fast['all']:.1f} ({100 * (fast['all'] - full['all']):+.1f}) | "
-            + " | ".join(f"{100 * full[c]:.1f} -> {100 * fast[c]:.1f}" for c in columns[1:])
-            + f" | {r['pixel_mae']:.2f} | {r['pixel_rmse']:.2f} |"
+            f"| {r['model']} | {r['decoder']} | {r['time_ratio']:.3f} ({low:.3f}-{high:.3f}) | {r['ms']:.0f} |"
+            f" {100 * r['adherence']['all']:.1f} ({delta:+.1f}) | "
+            + " | ".join(f"{100 * r['adherence'][c]:.1f}" for c in columns)
+            + f" | {100 * r['adherence_unrejected']['all']:.1f} | {100 * r['rejected']:.1f}% |"
+            f" {r['fidelity']:.3f} ({r['fidelity'] / full['fidelity']:.2f}x) | {r['pixel_mae']:.2f} |"
+            f" {r['pixel_rmse']:.2f} |"
         )
-    unrejected = [r for r in results if r["adherence_unrejected"]["full"] is not None]
-    if unrejected:
-        lines += [
-            "",
-            "The judge rejects images with no single clean shape (an unrejected image scores on what it shows).",
-            " Adherence (all) without the reject, full -> tiny:",
-            "",
-            *(
-                f"- {r['model']}: {100 * r['adherence_unrejected']['full']['all']:.1f} ->"
-                f" {100 * r['adherence_unrejected']['tiny']['all']:.1f}"
-                for r in unrejected
-            ),
-        ]
     return lines, results
 
 
@@ -752,6 +750,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bound-models", nargs="+", default=["shapes-instaflow"])
     parser.add_argument("--bound-batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--bound-repeats", type=int, default=11)
+    parser.add_argument(
+        "--goals-decoders",
+        nargs="+",
+        default=None,
+        help="Tiny decoders (names or folders) compared in the goals run (default: --tiny-decoder).",
+    )
     parser.add_argument("--decoder-goals-models", nargs="+", default=["shapes-instaflow", "shapes-snoopi"])
     parser.add_argument("--goals-batch", type=int, default=64)
     parser.add_argument("--goals-repeats", type=int, default=9)
@@ -760,6 +764,7 @@ def parse_args() -> argparse.Namespace:
         "--plot", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "images" / "speed.png"
     )
     args = parser.parse_args()
+    args.goals_decoders = args.goals_decoders or [args.tiny_decoder]
     if args.min_repeats < 1 or args.max_repeats < args.min_repeats:
         parser.error("need 1 <= --min-repeats <= --max-repeats.")
     return args
