@@ -7,8 +7,8 @@ fraction of a second instead of the ~10 s an import takes on a busy machine; eac
 killed with a real SIGKILL. A killed job is started again with the same command (every training command carries
 `--resume_from_checkpoint latest`; pair generation skips complete shards). Kills happen
 
-- `"random"`: a random number of steps (1-3) after the step the job resumed from, then a random delay (0-0.3 s),
-  so that some land mid-step, some in a checkpoint, some in validation;
+- `"random"`: once a random step (or shard) between the one the job resumed from and the last is done, after a
+  random delay (0-0.1 s), so that some land mid-step, some in a checkpoint, some at the export;
 - `"write"`: the moment a checkpoint, pair shard or generated shard exists as its temporary `*.partial`, that is
   while it is being written.
 
@@ -57,6 +57,7 @@ class Job:
     name: str
     script: str
     args: list[str]  # everything but `--output_dir` and `--resume_from_checkpoint`
+    length: int  # optimisation steps (pair generation: shards)
     resumable: bool = True  # False: resumed by running the same command again (pair generation)
     side_dirs: tuple[str, ...] = ()  # folders beside the output folder it also writes (suffixes of its name)
     shard_globs: tuple[str, ...] = ()  # shards compared byte for byte, in the output folder or a side folder
@@ -134,7 +135,6 @@ def job_env(cache_dir: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(cache_dir),
-        "TQDM_DISABLE": "1",
     }
 
 
@@ -227,14 +227,15 @@ def kill_trigger(
 ) -> Callable[[], bool]:
     """When to kill, always once there is something to resume from (a checkpoint, a shard), so that the restart
     is a resume: `"write"`, while a checkpoint or shard is being written (not one an earlier kill left behind, in
-    `ignore`); `"random"`, a random delay (0-0.3 s) after 1-3 more steps (or shards)."""
+    `ignore`); `"random"`, a random delay (0-0.1 s) after a random step (or shard) before the last."""
     if kind == "write":
         return lambda: resume_point(job, out) > 0 and bool(set(writes_in_progress(job, out).items()) - set(ignore.items()))
-    start, more, delay = progress(job, out), rng.randint(1, 3), rng.uniform(0.0, 0.3)
+    start = progress(job, out)
+    target, delay = rng.randint(start + 1, max(start + 1, job.length - 1)), rng.uniform(0.0, 0.1)
     reached_at = []
 
     def due() -> bool:
-        if not reached_at and progress(job, out) >= start + more and resume_point(job, out) > 0:
+        if not reached_at and progress(job, out) >= target and resume_point(job, out) > 0:
             reached_at.append(time.monotonic())
         return bool(reached_at) and time.monotonic() - reached_at[0] >= delay
 
