@@ -374,3 +374,42 @@ def test_teacher_must_be_a_pipeline_folder(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": ["diffusers", "UNet"]}))
     with pytest.raises(ValueError, match="lacks"):
         train_snoopi.check_teacher(str(tmp_path), args)
+
+
+@pytest.mark.slow
+def test_regression_on_teacher_pairs_pulls_the_student_toward_the_teachers_latents(tiny_sd_path, tmp_path):
+    """DMD's regression stream: with a large weight the student's one-step x0 from a pair's noise moves toward the
+    teacher's latent for that noise, more than VSD alone moves it."""
+    pairs = tmp_path / "pairs"
+    accelerate_launch(
+        "generate_reflow_pairs.py", "--pretrained_model_name_or_path", str(tiny_sd_path), "--output_dir", str(pairs),
+        "--num_pairs", "4", "--shard_size", "4", "--batch_size", "4", "--num_inference_steps", "2",
+        "--guidance_scale", "2", "--shapesworld_prompts", "4",
+    )  # fmt: skip
+    from fastgen_diffusers.training.reflow import load_pairs
+
+    rows = load_pairs(pairs, cache_dir=str(tmp_path / "cache")).with_format("torch")[:]
+
+    def pair_error(folder: Path) -> float:
+        pipe = FastPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        latents = pipe(rows["prompt"], latents=rows["noise"], output_type="latent").images
+        return (latents.float() - rows["latent"].float()).pow(2).mean().item()
+
+    errors = {}
+    for weight in ("0", "100"):
+        out = tmp_path / f"weight-{weight}"
+        train(tiny_sd_path, out, 2, *SHAPESWORLD_PROMPTS, "--regression_pairs_dir", str(pairs),
+              "--regression_weight", weight, "--ema_decay", "0")  # fmt: skip
+        errors[weight] = pair_error(out)
+    assert errors["100"] < errors["0"], errors
+
+
+def test_bad_regression_flags_are_rejected_by_name(tmp_path):
+    module = import_train_snoopi()
+    base = ["--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1",
+            *SHAPESWORLD_PROMPTS]  # fmt: skip
+    with pytest.raises(ValueError, match="--regression_pairs_dir"):
+        module.parse_args([*base, "--regression_pairs_dir", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="--regression_weight"):
+        module.parse_args([*base, "--regression_pairs_dir", str(tmp_path), "--regression_weight", "-1"])

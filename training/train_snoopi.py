@@ -44,7 +44,7 @@ from fastgen_diffusers.pipelines.auto import read_model_index, resolve_model_loc
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 from fastgen_diffusers.schedulers import OneStepScheduler
 from fastgen_diffusers.shapes.captions import COLOURS
-from fastgen_diffusers.training import arguments, run
+from fastgen_diffusers.training import arguments, reflow, run
 from fastgen_diffusers.training.checkpointing import checkpoint_trainable_weights, trainable_parameters
 from fastgen_diffusers.training.data import tokenize
 from fastgen_diffusers.training.hub import publish
@@ -142,6 +142,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fake_prompt_dropout", type=float, default=0.1, help="Share of unconditioned fake-score training samples."
     )
 
+    group = parser.add_argument_group("regression on teacher pairs (DMD): keeps the modes VSD drops")
+    group.add_argument(
+        "--regression_pairs_dir",
+        type=str,
+        default=None,
+        help="Teacher pairs from generate_reflow_pairs.py (noise, the teacher's latent for it, prompt): the student's"
+        " x0 from a pair's noise is pulled toward the teacher's latent, so each noise keeps the teacher's mode.",
+    )
+    group.add_argument(
+        "--regression_weight", type=float, default=0.25, help="lambda of the regression loss (DMD: 0.25)."
+    )
+    group.add_argument(
+        "--regression_loss", type=str, default="l2", choices=("l2", "pseudo_huber"), help="In latent space."
+    )
+
     group = parser.add_argument_group("NASA-T: negative prompts in distillation (SNOOPI v3, section 5.3)")
     group.add_argument(
         "--nasa_training_prob",
@@ -190,8 +205,13 @@ def check_snoopi_args(args: argparse.Namespace) -> None:
         )
     arguments.check_positive(args, "learning_rate", "fake_learning_rate", "lora_rank", "fake_lora_rank", "lora_alpha",
                    "fake_lora_alpha", "fake_updates_per_step")  # fmt: skip
-    arguments.check_non_negative(args, "nasa_training_max_scale", "nasa_scale", "lr_warmup_steps")
+    arguments.check_non_negative(args, "nasa_training_max_scale", "nasa_scale", "lr_warmup_steps", "regression_weight")
     arguments.check_fraction(args, "fake_prompt_dropout", "ema_decay", "nasa_training_prob")
+    if args.regression_pairs_dir is not None and not Path(args.regression_pairs_dir).is_dir():
+        raise ValueError(
+            f"`--regression_pairs_dir` {args.regression_pairs_dir!r} is not a folder; write teacher pairs with"
+            " generate_reflow_pairs.py."
+        )
     if args.negative_prompts_file is not None and not Path(args.negative_prompts_file).is_file():
         raise ValueError(f"`--negative_prompts_file` {args.negative_prompts_file!r} is not a file.")
     if args.negative_prompts_file is not None and args.shapesworld_negative_colours:
@@ -332,6 +352,26 @@ def main(argv: list[str] | None = None) -> None:
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),  # also what a resumed run draws from: not the global RNG
     )
+    regression_dataloader = None  # DMD's regression stream: (noise, teacher latent, prompt) pairs
+    if args.regression_pairs_dir is not None:
+        with accelerator.main_process_first():
+            pairs = reflow.load_pairs(args.regression_pairs_dir)
+        unet_latent = (fake_unet.config.in_channels, fake_unet.config.sample_size, fake_unet.config.sample_size)
+        if tuple(pairs.features["latent"].shape) != unet_latent:
+            raise ValueError(
+                f"`--regression_pairs_dir` holds latents of shape {tuple(pairs.features['latent'].shape)}; the"
+                f" teacher's UNet takes {unet_latent}."
+            )
+        regression_dataloader = DataLoader(
+            pairs.with_format("torch"),
+            batch_size=args.train_batch_size,
+            shuffle=True,
+            collate_fn=reflow.PairCollator(tokenizer),
+            num_workers=args.dataloader_num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed + 1),
+        )
+        regression_dataloader = accelerator.prepare(regression_dataloader)
     negative_prompts = None  # NASA-T's
     if args.negative_prompts_file is not None:
         negative_prompts = read_lines(args.negative_prompts_file, "--negative_prompts_file")
@@ -374,6 +414,16 @@ def main(argv: list[str] | None = None) -> None:
             model_output = student(noise, timesteps, prompt_embeds).sample
         return noise_scheduler.predict_original_sample(model_output, student_timestep, noise)
 
+    def regression_loss(pair_batch: dict) -> torch.Tensor:
+        """DMD's regression term: the student's x0 from a teacher pair's noise against the teacher's latent."""
+        noise = pair_batch["noise"].float()
+        with torch.no_grad():
+            pair_embeds = text_encoder(pair_batch["input_ids"], return_dict=False)[0]
+        timesteps = torch.full((noise.shape[0],), student_timestep, device=accelerator.device)
+        model_output = student(noise, timesteps, pair_embeds).sample
+        prediction = noise_scheduler.predict_original_sample(model_output, student_timestep, noise)
+        return reflow.latent_loss(args.regression_loss, prediction, pair_batch["latents"].float()).mean()
+
     def fake_score_step(original_sample: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """One update of the fake-score LoRA on detached student samples, with prompt dropout."""
         batch_size = original_sample.shape[0]
@@ -401,6 +451,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. Training.
     data = run.resumed_batches(accelerator, dataloader, batches_done=global_step * args.gradient_accumulation_steps)
+    if regression_dataloader is not None:
+        regression_data = run.resumed_batches(
+            accelerator, regression_dataloader, batches_done=global_step * args.gradient_accumulation_steps
+        )
+    regression = torch.zeros((), device=accelerator.device)  # logged as 0 without a regression stream
     progress = run.progress_bar(accelerator, args.max_train_steps, global_step)
     samples = []  # for the step journal: the data is prompts
     while global_step < args.max_train_steps:
@@ -449,8 +504,12 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 gradient = dmd_gradient(teacher_noise, fake_noise, original_sample, sample, alphas_cumprod, timesteps)
             student_loss = vsd_loss(original_sample, gradient)
+            total_loss = student_loss
+            if regression_dataloader is not None:
+                regression = regression_loss(next(regression_data))
+                total_loss = student_loss + args.regression_weight * regression
             run.optimizer_step(
-                accelerator, student_loss, student_params, student_optimizer, student_lr_scheduler, args.max_grad_norm
+                accelerator, total_loss, student_params, student_optimizer, student_lr_scheduler, args.max_grad_norm
             )
 
             # 6b. Fake-score turn(s): the first on this step's samples, further ones on fresh noise.
@@ -464,7 +523,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         ema.step(student_params)
         global_step += 1
-        logs = run.mean_over_processes(accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss)
+        logs = run.mean_over_processes(
+            accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss, regression_loss=regression
+        )
         logs["kappa"] = guidance_scale.mean().item()
         if run.end_step(accelerator, args, progress, global_step, logs, samples=samples):
             generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(validation_prompts))]
