@@ -233,6 +233,10 @@ def ppap_kwargs(args: argparse.Namespace, pipe, parser: argparse.ArgumentParser)
     guidance = load_ppap(args, parser)
     if args.guide_class is None and args.guide_target is None:
         parser.error(f"--ppap needs --guide-class (one of {guidance.labels}) or --guide-target.")
+    if guidance.task == "classification" and args.guide_target is not None:
+        parser.error(f"--guide-target: --ppap {args.ppap!r} is a classifier; give --guide-class ({guidance.labels}).")
+    if guidance.task == "regression" and args.guide_class is not None:
+        parser.error(f"--guide-class: --ppap {args.ppap!r} is a regressor; give --guide-target ({guidance.labels}).")
     try:
         return {
             "guidance_fn": guidance.bind(class_label=args.guide_class, target=args.guide_target, scale=args.ppap_scale)

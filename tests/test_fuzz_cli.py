@@ -28,6 +28,7 @@ from fastgen_diffusers.guidance import PPAPGuidance
 from fastgen_diffusers.models.oms import OMSModel
 from fastgen_diffusers.models.ppap import PPAPGuideNet
 from fastgen_diffusers.pipelines.oms import OMSPipeline
+from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 
 FUZZ_SCALE = int(os.environ.get("FASTGEN_FUZZ_SCALE", "1"))
 OUTCOMES: Counter = Counter()
@@ -71,6 +72,8 @@ def modules(tmp_path_factory, tiny_sd_path) -> dict[str, Path]:
     guide = PPAPGuideNet(num_outputs=4, block_out_channels=(8, 16), norm_num_groups=4, head_dim=16)
     PPAPGuidance.from_guide(guide, "classification", ["circle", "square", "triangle", "cross"], num_experts=2
                             ).save_pretrained(root / "ppap")  # fmt: skip
+    one_step = OneStepPipeline.from_pretrained(tiny_sd_path)  # a FastDiffusionPipeline: steered negative prompts
+    one_step.save_pretrained(root / "one-step")
     (root / "prompts.txt").write_text("a red circle\n\na blue square\n")
     (root / "empty.txt").write_text("\n  \n")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
@@ -145,22 +148,25 @@ def float_flag(flag: str, works: st.SearchStrategy[float], bad: st.SearchStrateg
 
 
 def generate_lines(root: Path) -> st.SearchStrategy[Line]:
-    oms, ppap = str(root / "oms"), str(root / "ppap")
+    oms, ppap, one_step = str(root / "oms"), str(root / "ppap"), str(root / "one-step")
     missing = str(root / "no-such-folder")
     return st.one_of(
         int_flag("--steps", st.integers(1, 2), st.one_of(st.integers(-(10**9), 0), st.integers(1001, 10**12))),
         float_flag("--guidance-scale", st.floats(-5, 5), st.nothing()),
         float_flag("--negative-scale", st.floats(0, 5), st.floats(max_value=-1e-6, allow_infinity=False),
-                   "--negative-prompt", "a blue square"),
+                   "--negative-prompt", "a blue square", "--model", one_step),
+        st.just(line("negative-scale: a model without steered attention", "--negative-scale", ERROR,
+                     "--negative-scale=0.5")),
         st.sampled_from(["nasa", "nag"]).map(lambda m: line("negative-method: valid", "--negative-method", WORKS,
-                                                            "--negative-method", m, "--negative-prompt", "blue")),
+                                                            "--negative-method", m, "--negative-prompt", "blue",
+                                                            "--model", one_step)),
         st.text(max_size=6).filter(lambda m: m not in ("nasa", "nag")).map(
             lambda m: line("negative-method: unknown", "--negative-method", ERROR, f"--negative-method={m}")
         ),
         st.text(max_size=30).map(lambda n: line("negative-prompt: any text", "--negative-prompt", WORKS,
                                                 f"--negative-prompt={n}")),
         st.floats(2, 5).map(lambda g: line("negative-scale with CFG", "--negative-scale", ERROR, "--negative-scale=0.5",
-                                           f"--guidance-scale={g}")),
+                                           f"--guidance-scale={g}", "--model", one_step)),
         int_flag("--num-images", st.integers(1, 2), st.integers(-(10**6), 0)),
         int_flag("--seed", st.integers(0, 2**70), st.integers(-(10**6), -1)),
         int_flag("--batch-size", st.integers(1, 5), st.integers(-(10**6), 0)),
@@ -225,7 +231,7 @@ def generate_lines(root: Path) -> st.SearchStrategy[Line]:
 def test_generate(modules, tmp_path_factory, capsys):
     root = modules["root"]
 
-    @fuzz(90)
+    @fuzz(120)
     @given(item=generate_lines(root))
     def check(item):
         out = tmp_path_factory.mktemp("out") / "images"
@@ -256,7 +262,7 @@ def eval_lines(root: Path) -> st.SearchStrategy[Line]:
 
 
 def test_eval(modules, capsys):
-    @fuzz(20)
+    @fuzz(30)
     @given(item=eval_lines(modules["root"]))
     def check(item):
         run_command(["eval", "--model", str(modules["model"]), "--n", "4", *item.flags], item, Path("."), capsys,

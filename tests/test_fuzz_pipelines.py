@@ -465,7 +465,7 @@ def test_pipeline_call(pipes, target):
     pipe = pipes[target]
     base = {"prompt": PROMPT, "output_type": "np", **BASE_CALLS[target]}
 
-    @fuzz(60)
+    @fuzz(100)
     @given(item=pipeline_cases(pipe.vae_scale_factor, works_max_steps=3))
     def check(item):
         run_case(target, pipe, base, item)
@@ -518,7 +518,7 @@ def test_oms_pipeline_call(pipes):
         latents_cases(), images_per_prompt_cases(), generator_cases(), output_type_cases(), guidance_cases(),
     )  # fmt: skip
 
-    @fuzz(120)
+    @fuzz(150)
     @given(item=st.one_of(oms_cases(), shared))
     def check(item):
         run_case(target, pipe, base, item)
@@ -566,7 +566,7 @@ def test_ppap_guidance(pipes, target):
     pipe = pipes[target]
     base = {"prompt": PROMPT, "output_type": "np", **BASE_CALLS[target]}
 
-    @fuzz(30)
+    @fuzz(40)
     @given(guide_and_case=ppap_cases())
     def check(guide_and_case):
         guide, item = guide_and_case
@@ -581,3 +581,40 @@ def test_ppap_guidance(pipes, target):
                                                             item.expect))  # fmt: skip
 
     check()
+
+
+# ---- what the fuzzing found, pinned ------------------------------------------------------------------------------
+
+
+def test_clip_skip_reads_an_earlier_layer(pipes):
+    """Diffusers' `clip_skip` path reads `text_encoder.text_model`, which transformers 5 removed: every call with
+    `clip_skip` crashed. It is the hidden state `clip_skip` layers before the last, through the final layer norm."""
+    pipe = pipes["FastDiffusionPipeline (DDIM)"]
+
+    def latents(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(PROMPT, num_inference_steps=1, output_type="latent", generator=generator, **kwargs).images
+
+    plain = latents()
+    torch.testing.assert_close(latents(clip_skip=0), plain, atol=1e-5, rtol=1e-5)
+    assert (latents(clip_skip=1) - plain).abs().max() > 1e-4
+    tokens = pipe.tokenizer(PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        hidden = pipe.text_encoder(tokens, output_hidden_states=True).hidden_states[-2]
+        expected = pipe.text_encoder.final_layer_norm(hidden)
+        embeds, _ = pipe.encode_prompt(PROMPT, torch.device("cpu"), 1, False, clip_skip=1)
+    torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("broken", ["unet", "vae"])
+def test_nan_from_a_model_raises_instead_of_a_black_image(pipes, monkeypatch, broken):
+    """NaN from the model itself (a float16 overflow) is no argument's fault: it raises FloatingPointError, where
+    the PNG would have been black."""
+    pipe = pipes["OneStepPipeline"]
+    if broken == "unet":
+        monkeypatch.setattr(pipe.unet, "forward", lambda sample, *args, **kwargs: (torch.full_like(sample, math.nan),))
+    else:
+        monkeypatch.setattr(pipe.vae, "decode", lambda latents, **kwargs: (torch.full((1, 3, 32, 32), math.nan),))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        pipe(PROMPT)

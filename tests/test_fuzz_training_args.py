@@ -237,7 +237,7 @@ def test_training_flags(script, root):
     flags = {action.dest for action in parser._actions if action.option_strings}
     cases = st.one_of(*shared_cases(flags, root), *typed_cases(parser))
 
-    @fuzz(150)
+    @fuzz(200)
     @given(case=cases)
     def check(case):
         kind, extra, flag, expect = case

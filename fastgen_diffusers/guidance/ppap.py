@@ -305,6 +305,8 @@ def objective_for(guidance, class_label, target, loss_fn: Callable | None) -> Ca
     if guidance.task == "classification":
         if class_label is None or target is not None:
             raise ValueError(f"A classification guide takes `class_label` (one of {guidance.labels}), not `target`.")
+        if not isinstance(class_label, (str, int, list, tuple)):
+            raise TypeError(f"`class_label` must be a label, an index or a list of them, got {class_label!r:.100}.")
         wanted = [class_label] if isinstance(class_label, (str, int)) else list(class_label)
         for label in wanted:
             is_index = isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(guidance.labels)

@@ -115,7 +115,9 @@ def check_latents(latents: Any) -> None:
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"`latents` must be a tensor, got {type(latents).__name__}.")
     if latents.ndim != 4:
-        raise ValueError(f"`latents` must be a 4-D tensor (batch, channels, height, width), got shape {tuple(latents.shape)}.")
+        raise ValueError(
+            f"`latents` must be a 4-D tensor (batch, channels, height, width), got shape {tuple(latents.shape)}."
+        )
     if latents.is_floating_point() and not torch.isfinite(latents).all():
         raise ValueError("`latents` contains NaN or infinite values; the image would be garbage.")
 
@@ -281,7 +283,8 @@ class FastDiffusionPipeline(
         scale_lora = lora_scale is not None and USE_PEFT_BACKEND
         if scale_lora:
             scale_lora_layers(self.text_encoder, lora_scale)
-        hidden_states = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)[-1]
+        input_ids = text_inputs.input_ids.to(device)
+        hidden_states = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)[-1]
         embeds = self.text_encoder.final_layer_norm(hidden_states[-(clip_skip + 1)])
         if scale_lora:
             unscale_lora_layers(self.text_encoder, lora_scale)
@@ -331,7 +334,7 @@ class FastDiffusionPipeline(
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if not _is_number(eta) or not math.isfinite(eta):
             raise ValueError(f"`eta` must be a finite number, got {eta!r:.100}.")
-        num_layers = self.text_encoder.config.num_hidden_layers
+        num_layers = self.text_encoder.config.num_hidden_layers if clip_skip is not None else None
         if clip_skip is not None and (not _is_int(clip_skip) or not 0 <= clip_skip <= num_layers):
             raise ValueError(
                 f"`clip_skip` must be an integer in [0, {num_layers}] (the text encoder has {num_layers} layers),"
@@ -347,6 +350,11 @@ class FastDiffusionPipeline(
             or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
         ):
             raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r:.200}.")
+        text_width = self.unet.config.cross_attention_dim
+        text_width = text_width if isinstance(text_width, int) and self.unet.config.encoder_hid_dim is None else None
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None:
+                check_text_embeds(name, embeds, text_width)
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`; pass one of them.")
         if negative_prompt is not None:
@@ -357,19 +365,12 @@ class FastDiffusionPipeline(
                 raise TypeError(
                     f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r:.200}."
                 )
-            if prompt_embeds is not None:
-                check_text_embeds("prompt_embeds", prompt_embeds, None)
             batch_size = prompt_batch_size(prompt, prompt_embeds)
             if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
                 raise ValueError(
                     f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch_size} prompts; pass one"
                     " negative prompt, or one per prompt."
                 )
-        width = self.unet.config.cross_attention_dim
-        width = width if isinstance(width, int) and self.unet.config.encoder_hid_dim is None else None
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None:
-                check_text_embeds(name, embeds, width)
         if negative_prompt_embeds is not None:
             batch_size = prompt_batch_size(prompt, prompt_embeds)
             if negative_prompt_embeds.shape[0] != batch_size:
@@ -380,8 +381,8 @@ class FastDiffusionPipeline(
             tokens = prompt_embeds.shape[1] if prompt_embeds is not None else self.tokenizer.model_max_length
             if guidance_scale > 1 and negative_prompt_embeds.shape[1] != tokens:
                 raise ValueError(
-                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but the prompt's embeddings"
-                    f" have {tokens}; classifier-free guidance batches them together, so they must match."
+                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but the prompt's"
+                    f" embeddings have {tokens}; classifier-free guidance batches them together, so they must match."
                 )
         check_latents(latents)
         check_generator(generator, prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt)
