@@ -12,6 +12,8 @@ the same initial noise for models whose latents match (every ShapesWorld model).
 judge reads in the top image as `negative_prompt` (bottom row), same noise. With `--open-model`,
 `open_comparison.png` shows the first 8 open prompts (`fastgen_diffusers.shapes.open_prompts`, two of each kind,
 listed in `open_prompts.txt`): real images of them in the top row, then one row per model, same noise per column.
+With `--defects`, `open_defects.png` shows 8 synthetic defects of each kind (`fastgen_diffusers.shapes.defects`),
+one row per kind, with a green frame on those the judge accepts (which it should not).
 """
 
 from __future__ import annotations
@@ -40,16 +42,37 @@ def load_with_defaults(model: str):
     return pipe, sampling_kwargs(no_overrides, read_fastgen_metadata(resolve_model_location(model)))
 
 
+def save_defects_figure(path: Path, seed: int) -> None:
+    """Synthetic defects, one row per kind; a green frame marks each one the judge accepts."""
+    import numpy as np
+    from PIL import Image
+
+    from fastgen_diffusers.shapes.defects import defect_images
+
+    judge = ShapesJudge.from_pretrained()
+    tiles = []
+    for images in defect_images(COMPARISON_COLUMNS, seed=seed).values():
+        for image, rejected in zip(images, judge.inspect(images)[2]):
+            tile = np.array(image)
+            if not rejected:
+                tile[0, :], tile[-1, :], tile[:, 0], tile[:, -1] = (0, 255, 0), (0, 255, 0), (0, 255, 0), (0, 255, 0)
+            tiles.append(Image.fromarray(tile))
+    save_image_grid(tiles, path, columns=COMPARISON_COLUMNS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="Embedded model or folder; repeatable.")
     parser.add_argument("--negative-model", action="append", default=[], help="One-step model; repeatable.")
     parser.add_argument("--open-model", action="append", default=[], help="A row of open_comparison.png; repeatable.")
+    parser.add_argument("--defects", action="store_true", help="Also draw open_defects.png.")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/images"))
     args = parser.parse_args()
 
+    if args.defects:
+        save_defects_figure(args.out / "open_defects.png", args.seed)
     prompts = evaluation_prompts(args.n, seed=args.seed)
     save_image_grid(
         [render_attributes(p.attributes, p.seed) for p in prompts], args.out / "shapesworld_real.png", columns=8
