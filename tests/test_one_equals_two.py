@@ -96,9 +96,12 @@ def learning_rates(checkpoint: Path) -> list[float]:
     return [g["lr"] for optimizer in checkpoint_pickles(checkpoint, "optimizer*.bin") for g in optimizer["param_groups"]]
 
 
-def assert_same_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+def assert_same_weights(
+    one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], max_move: float
+) -> None:
     """The two runs' weights differ by under `UPDATE_TOLERANCE` of what training moved them (in norm over all
-    weights), and training did move them.
+    weights), and training did move them, by at most `max_move` a weight (so `initial` is the run's start: Adam moves
+    a weight by at most ~3.2 learning rates an update, while a wrong start would be off by the weights' own size).
 
     Not elementwise 1e-5: Adam divides each gradient by its own running scale, so where a gradient is ~0 its sign is
     float noise (summation order differs between one batch of 2B and two of B) and that weight moves up to the
@@ -109,7 +112,9 @@ def assert_same_weights(one: dict[str, torch.Tensor], two: dict[str, torch.Tenso
     names = [name for name in one if not torch.equal(one[name], initial[name])]  # trained (not a frozen part)
     assert names, "training changed no weight"
     difference = torch.cat([(one[name] - two[name]).flatten().double() for name in names]).norm()
-    update = torch.cat([(one[name] - initial[name]).flatten().double() for name in names]).norm()
+    moves = torch.cat([(one[name] - initial[name]).flatten().double() for name in names])
+    assert moves.abs().max() <= max_move, f"moved {moves.abs().max():.2e}: `initial` is not where the run started"
+    update = moves.norm()
     assert difference <= UPDATE_TOLERANCE * update, f"||one - two|| / ||update|| = {difference / update:.2e}"
     for name in set(one) - set(names):  # untrained weights: identical in both runs
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=0, msg=name)
@@ -144,6 +149,7 @@ def test_judge_one_process_equals_two_with_gradient_accumulation(tmp_path):
         load_file(one / "diffusion_pytorch_model.safetensors"),
         load_file(two / "diffusion_pytorch_model.safetensors"),
         initial_weights(ShapesJudgeNet),
+        max_move=4 * 1e-3 * steps,  # --learning_rate 1e-3
     )
     assert_processes_draw_their_own_noise(two / f"checkpoint-{steps}")
     losses = [(a["loss"], b["loss"]) for a, b in zip(journal(one), journal(two))]
@@ -163,7 +169,7 @@ def test_ppap_guide_one_process_equals_two(tmp_path):
     assert_same_samples_each_step(one, two, steps, global_batch=8)
     assert_same_weights(load_file(one / "diffusion_pytorch_model.safetensors"),
                         load_file(two / "diffusion_pytorch_model.safetensors"),
-                        initial_weights(lambda: PPAPGuideNet(num_outputs=4)))  # fmt: skip
+                        initial_weights(lambda: PPAPGuideNet(num_outputs=4)), max_move=4 * 1e-3 * steps)  # fmt: skip
     assert_processes_draw_their_own_noise(two / f"checkpoint-{steps}")
     assert_same_optimisation(one / f"checkpoint-{steps}", two / f"checkpoint-{steps}", optimizer_updates=[steps])
 
@@ -200,7 +206,8 @@ def test_tiny_decoder_one_process_equals_two(deterministic_vae, tmp_path):
     make_tiny_decoder = script_module("train_tiny_decoder").make_tiny_decoder
     assert_same_weights(load_file(one / "diffusion_pytorch_model.safetensors"),
                         load_file(two / "diffusion_pytorch_model.safetensors"),
-                        initial_weights(lambda: make_tiny_decoder(vae, [8, 8], [1, 1])))  # fmt: skip
+                        initial_weights(lambda: make_tiny_decoder(vae, [8, 8], [1, 1])),
+                        max_move=4 * 1e-3 * steps)  # fmt: skip
     assert_processes_draw_their_own_noise(two / f"checkpoint-{steps}")
     assert_same_optimisation(one / f"checkpoint-{steps}", two / f"checkpoint-{steps}", optimizer_updates=[steps])
 
@@ -232,7 +239,8 @@ def test_instaflow_distillation_one_process_equals_two(tiny_sd_path, tiny_pairs,
                            env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert_same_samples_each_step(one, two, 2, global_batch=4)
     weights = "unet/diffusion_pytorch_model.safetensors"
-    assert_same_weights(load_file(one / weights), load_file(two / weights), load_file(tiny_sd_path / weights))
+    assert_same_weights(load_file(one / weights), load_file(two / weights), load_file(tiny_sd_path / weights),
+                        max_move=4 * 1e-3 * 2)  # fmt: skip
     assert [e["lr"] for e in journal(one)] == pytest.approx([e["lr"] for e in journal(two)], rel=1e-9)
     assert journal(one)[-1]["lr"] == pytest.approx(1e-3 * 2 / 4)  # the warm-up counted in optimizer updates
     assert_same_optimisation(one / "checkpoint-2", two / "checkpoint-2", optimizer_updates=[2])
