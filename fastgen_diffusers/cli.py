@@ -17,6 +17,7 @@ from transformers.utils import logging as transformers_logging
 from . import assets
 from .pipelines.auto import FastPipeline, read_fastgen_metadata, resolve_model_location
 from .pipelines.negative_attention import METHOD_DEFAULTS
+from .utils.safe_loading import check_weight_files
 
 
 def _non_negative_int(text: str) -> int:
@@ -140,8 +141,6 @@ def load_decoder(decoder: str, parser: argparse.ArgumentParser):
     import torch
     from diffusers import AutoencoderTiny
 
-    from .utils.safe_loading import check_weight_files
-
     location = resolve_model_location(decoder)
     if not Path(location).exists() and location.count("/") != 1:
         parser.error(
@@ -184,7 +183,11 @@ def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
             f"--oms {args.oms!r} is not an embedded model ({', '.join(assets.names())}), a folder or a Hub id."
         )
     try:
-        oms_pipe = OMSPipeline.from_pretrained(location, base_pipeline=pipe)
+        check_weight_files(location)  # safetensors only, a damaged file named, as for --model
+    except ValueError as error:
+        parser.error(f"--oms {args.oms!r} could not be loaded: {error}")
+    try:
+        oms_pipe = OMSPipeline.from_pretrained(location, base_pipeline=pipe, use_safetensors=True)
     except (ValueError, TypeError, OSError) as error:
         parser.error(f"--oms {args.oms!r} cannot run in front of --model {args.model!r}: {error}")
     oms_pipe.set_progress_bar_config(disable=True)

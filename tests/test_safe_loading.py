@@ -1,6 +1,7 @@
 """Safe loading: safetensors only unless the caller opts in to pickles, and a truncated or corrupted file of each kind
 the package loads raises an error that names the file (not a crash deep inside safetensors, pyarrow or torch)."""
 
+import argparse
 import random
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from test_oms import oms_pipe
 
 from fastgen_diffusers import FastPipeline
-from fastgen_diffusers.cli import build_parser, load_decoder
+from fastgen_diffusers.cli import attach_oms, build_parser, load_decoder
 from fastgen_diffusers.guidance.ppap import PPAPGuidance
 from fastgen_diffusers.models.ppap import PPAPGuideNet
 from fastgen_diffusers.training import reflow
@@ -154,6 +155,26 @@ def test_damaged_oms_module_is_named(pipeline_folder, tmp_path, how, own_text_en
     with pytest.raises(ValueError) as error:
         FastPipeline.from_pretrained(pipeline_folder, oms=tmp_path / "oms")
     assert_names_the_file(error, weights)
+
+
+def cli_oms_args(oms: Path) -> argparse.Namespace:
+    return argparse.Namespace(oms=str(oms), oms_prompt=None, oms_guidance_scale=None, model="tiny")
+
+
+def test_oms_module_through_the_cli_is_checked(pipeline_folder, tmp_path, capsys):
+    """`fastgen --oms` loads the module itself (`cli.attach_oms`): safetensors only, a damaged file named."""
+    base = StableDiffusionPipeline.from_pretrained(pipeline_folder)
+    oms_pipe(base).save_pretrained(tmp_path / "oms")
+    attach_oms(base, cli_oms_args(tmp_path / "oms"), build_parser())  # whole: loads
+    weights = tmp_path / "oms" / "oms_model" / "diffusion_pytorch_model.safetensors"
+    corrupt(weights, "truncated")
+    message = cli_error(capsys, lambda: attach_oms(base, cli_oms_args(tmp_path / "oms"), build_parser()))
+    assert "--oms" in message and str(weights) in message
+
+    oms_pipe(base).save_pretrained(tmp_path / "oms")
+    pickle = as_pickle(weights, "diffusion_pytorch_model.bin")
+    message = cli_error(capsys, lambda: attach_oms(base, cli_oms_args(tmp_path / "oms"), build_parser()))
+    assert str(pickle) in message and "pickle" in message
 
 
 # ---- PPAP guidance: the guide through Diffusers, the experts through peft ----
