@@ -46,8 +46,8 @@ def card_metadata(text: str) -> dict:
 
 def add_training_leftovers(output_dir: Path) -> None:
     """What a run leaves beside its model that must stay local: checkpoints (whole and interrupted), tracker logs,
-    interrupted atomic writes."""
-    for relative in ("checkpoint-9/model.safetensors", "checkpoint-10.partial/optimizer.bin",
+    the step journal, interrupted atomic writes."""
+    for relative in ("checkpoint-9/model.safetensors", "checkpoint-10.partial/optimizer.bin", "step_log.jsonl",
                      "logs/train/events.out.tfevents.1", "fastgen.json.partial", "pairs/shard-00001.parquet.partial"):  # fmt: skip
         (output_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (output_dir / relative).write_bytes(b"training state " + relative.encode())

@@ -19,7 +19,8 @@ CARD_LAYOUT = "---\n{{ card_data }}\n---\n\n{{ description }}\n"
 
 
 # What an upload leaves behind: training state (checkpoints, interrupted writes, tracker logs), not the model.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "*.partial", "*.partial/*", "logs/*", ".ppap-staging-*"]
+# The step journal (step_log.jsonl) is training state too: it grows with every step and only resumes read it.
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "*.partial", "*.partial/*", "logs/*", ".ppap-staging-*", "step_log.jsonl"]
 # Flags whose value must never reach a model card or an uploaded file.
 SECRET_FLAGS = ("--hub_token",)
 
