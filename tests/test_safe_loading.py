@@ -225,6 +225,45 @@ def test_pickled_ppap_guidance_needs_the_opt_in(tmp_path, weights, pickle_name):
             torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-5, msg=f"{module}.{name}")
 
 
+# ---- the models a training script starts from ----
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """A script's `main` run in this process builds its own `Accelerator`: start and end with no shared state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_training_scripts_refuse_a_pickled_starting_model(pipeline_folder, tmp_path, fresh_accelerator_state):
+    """Each script that loads a model it starts from (a base pipeline, a VAE, a guide) checks its files first: a
+    pickled component is refused, naming the file, before any training."""
+    from test_training_scripts import script_module
+
+    pickle = as_pickle(pipeline_folder / "vae" / "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    guide_folder = tmp_path / "guide"
+    PPAPGuideNet(num_outputs=4, block_out_channels=(8, 16), norm_num_groups=4, head_dim=16).save_pretrained(guide_folder)
+    guide_pickle = as_pickle(guide_folder / "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    base = ["--pretrained_model_name_or_path", str(pipeline_folder), "--max_train_steps", "1"]
+    runs = {
+        "train_oms": (base, pickle),
+        "train_snoopi": ([*base, "--shapesworld_prompts", "8"], pickle),
+        "train_teacher": (["--scale", "micro", "--max_train_steps", "1", "--vae_train_steps", "0", "--vae_from",
+                           str(pipeline_folder / "vae")], pickle),  # fmt: skip
+        "train_ppap_experts": ([*base, "--guide_path", str(guide_folder), "--task", "classification", "--labels",
+                                *"abcd", "--prompts_file", str(prompts), "--num_experts", "1"], guide_pickle),  # fmt: skip
+    }
+    for script, (args, refused) in runs.items():
+        with pytest.raises(ValueError, match="pickle") as error:
+            script_module(script).main([*args, "--output_dir", str(tmp_path / script)])
+        assert_names_the_file(error, refused)
+
+
 # ---- training checkpoints (accelerate's state: safetensors weights, pickled optimizer and RNG states) ----
 
 

@@ -41,6 +41,7 @@ from fastgen_diffusers.training.data import images_to_tensor, tokenize
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training import run
 from fastgen_diffusers.training.validation import save_image_grid
+from fastgen_diffusers.utils.safe_loading import check_weight_files
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -205,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     base = resolve_model_location(args.pretrained_model_name_or_path)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision)
+    check_weight_files(base)  # safetensors only: a pickle is refused, a damaged file named
+    load = {"revision": args.revision, "use_safetensors": True}
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **load)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **load)
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
     vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
     text_encoder.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)

@@ -44,6 +44,7 @@ from fastgen_diffusers.training.arguments import add_common_training_args, check
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
 from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
+from fastgen_diffusers.utils.safe_loading import check_weight_files
 from fastgen_diffusers.training.run import (
     fingerprints,
     mean_over_processes,
@@ -117,7 +118,8 @@ def generate_shards(accelerator, args, generated_dir: Path) -> None:
     todo = [s for s in mine if not (generated_dir / f"latents-{s:05d}.safetensors").exists()]
     if not todo:
         return
-    pipe = FastDiffusionPipeline.from_pretrained(resolve_model_location(args.pretrained_model_name_or_path))
+    location = resolve_model_location(args.pretrained_model_name_or_path)
+    pipe = FastDiffusionPipeline.from_pretrained(location, use_safetensors=True)
     pipe.to(accelerator.device).set_progress_bar_config(disable=True)
     generated_dir.mkdir(parents=True, exist_ok=True)
     for shard in tqdm(todo, desc="generating", disable=not accelerator.is_local_main_process):
@@ -144,9 +146,8 @@ def guide_labels(args, guide: PPAPGuideNet, generated_dir: Path, device) -> tupl
     cache = generated_dir / f"labels-{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}.safetensors"  # per guide
     if cache.exists():
         return latents, load_file(str(cache))["outputs"]
-    vae = FastDiffusionPipeline.from_pretrained(resolve_model_location(args.pretrained_model_name_or_path)).vae.to(
-        device
-    )
+    location = resolve_model_location(args.pretrained_model_name_or_path)
+    vae = FastDiffusionPipeline.from_pretrained(location, use_safetensors=True).vae.to(device)
     outputs = []
     for start in range(0, len(latents), 100):
         pixels = vae.decode(latents[start : start + 100].to(device) / vae.config.scaling_factor).sample.clamp(-1, 1)
@@ -218,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.labels or guide_record.get("labels")
     if task is None or labels is None:
         raise ValueError("Give `--task` and `--labels`: the guide folder has no guide.json that says them.")
-    guide = PPAPGuideNet.from_pretrained(args.guide_path).to(accelerator.device).eval().requires_grad_(False)
+    for location in (args.guide_path, resolve_model_location(args.pretrained_model_name_or_path)):
+        check_weight_files(location)  # safetensors only: a pickle is refused, a damaged file named
+    guide = PPAPGuideNet.from_pretrained(args.guide_path, use_safetensors=True)
+    guide = guide.to(accelerator.device).eval().requires_grad_(False)
 
     generate_shards(accelerator, args, generated_dir)
     accelerator.wait_for_everyone()

@@ -68,6 +68,7 @@ from fastgen_diffusers.training.score_distillation import (
 )
 from fastgen_diffusers.training.students import student_scheduler
 from fastgen_diffusers.training.validation import save_image_grid
+from fastgen_diffusers.utils.safe_loading import check_weight_files
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     # student's scheduler (the teacher's schedule, read at `student_timestep`) noises and predicts x0.
     location = resolve_model_location(args.pretrained_model_name_or_path)
     check_teacher(location, args)
-    load = {"revision": args.revision, "variant": args.variant}
+    check_weight_files(location)  # safetensors only: a pickle is refused, a damaged file named
+    load = {"revision": args.revision, "variant": args.variant, "use_safetensors": True}
     tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=weight_dtype, **load)
     vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **load)  # float32: decodes validation images only

@@ -44,6 +44,7 @@ from fastgen_diffusers.training.data import TextImageCollator, images_to_tensor
 from fastgen_diffusers.training.hub import publish
 from fastgen_diffusers.training.snr_weighting import loss_weights
 from fastgen_diffusers.training.validation import save_image_grid
+from fastgen_diffusers.utils.safe_loading import check_weight_files
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = build_tokenizer(tokenizer_files)
     text_encoder, unet = make_text_encoder(tokenizer, args.scale), make_unet(args.scale)
     if args.vae_from is not None:
-        vae = AutoencoderKL.from_pretrained(args.vae_from).train()  # frozen at the first UNet step, as a trained one
+        check_weight_files(args.vae_from)  # safetensors only: a pickle is refused, a damaged file named
+        # Frozen at the first UNet step, as a trained one.
+        vae = AutoencoderKL.from_pretrained(args.vae_from, use_safetensors=True).train()
     else:
         vae = make_vae(args.scale)
         # Start the posterior nearly deterministic (std ~0.05): with SD's init (std 1) the decoder sees
