@@ -525,10 +525,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         ema.step(student_params)
         global_step += 1
-        logs = run.mean_over_processes(
-            accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss, regression_loss=regression
-        )
-        logs["kappa"] = guidance_scale.mean().item()
+        logs = run.mean_over_processes(  # kappa too: the global batch's mean scale, not process 0's
+            accelerator, vsd_loss=student_loss, fake_score_loss=fake_loss, regression_loss=regression,
+            kappa=guidance_scale.mean(),
+        )  # fmt: skip
         if run.end_step(accelerator, args, progress, global_step, logs, samples=samples):
             generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(validation_prompts))]
             with run.ema_weights(ema, student_params), accelerator.autocast():
