@@ -306,3 +306,41 @@ def test_checks_skip_training_state_and_hub_ids(pipeline_folder):
     (pipeline_folder / "checkpoint-3" / "optimizer.bin").write_bytes(b"not looked at when loading the model")
     check_weight_files(pipeline_folder)
     check_weight_files("user/not-a-local-folder")  # left to the Hub client, which gets use_safetensors=True
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_or_pickled_judge_is_named(tmp_path, how):
+    from fastgen_diffusers.shapes.judge import ShapesJudge, ShapesJudgeNet
+
+    folder = tmp_path / "judge"
+    ShapesJudgeNet().save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    corrupt(weights, how)
+    with pytest.raises(ValueError) as error:
+        ShapesJudge.from_pretrained(folder)
+    assert_names_the_file(error, weights)
+
+    pickled = tmp_path / "pickled"
+    ShapesJudgeNet().save_pretrained(pickled, safe_serialization=False)
+    with pytest.raises(ValueError, match="pickle") as error:
+        ShapesJudge.from_pretrained(pickled)
+    assert_names_the_file(error, pickled / "diffusion_pytorch_model.bin")
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_student_checkpoint_is_named(tiny_sd_path, tmp_path, how):
+    from safetensors.torch import save_file
+
+    from fastgen_diffusers.training.students import load_student_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    (run / "training_args.json").write_text(
+        '{"pretrained_model_name_or_path": "%s", "student_timestep": 999, "use_lora": false}' % tiny_sd_path
+    )
+    weights = run / "checkpoint-1" / "student.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, weights)
+    corrupt(weights, how)
+    with pytest.raises(ValueError) as error:
+        load_student_checkpoint(run, "checkpoint-1")
+    assert_names_the_file(error, weights)

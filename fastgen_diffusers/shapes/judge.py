@@ -139,12 +139,15 @@ class ShapesJudge:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> "ShapesJudge":
-        """Load the judge CNN; by default the one shipped as the `shapes-judge` asset."""
+        """Load the judge CNN (safetensors only); by default the one shipped as the `shapes-judge` asset."""
+        from ..utils.safe_loading import check_weight_files
+
         if path is None:
             from .. import assets
 
             path = assets.path("shapes-judge")
-        return cls(ShapesJudgeNet.from_pretrained(str(path)))
+        check_weight_files(path)  # a pickle or a damaged file: a ValueError naming it
+        return cls(ShapesJudgeNet.from_pretrained(str(path), use_safetensors=True))
 
     @torch.no_grad()
     def _batched(self, images: np.ndarray, fn) -> torch.Tensor:

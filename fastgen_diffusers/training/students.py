@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ..pipelines.auto import resolve_model_location
 from ..pipelines.one_step import OneStepPipeline
 from ..schedulers import OneStepScheduler
+from ..utils.safe_loading import check_weight_files
 from .checkpointing import load_trainable_parameters
 from .lora import unet_lora_config
 
@@ -40,9 +41,13 @@ def load_student_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> OneS
             raise ValueError(
                 f"`{required}` is missing: give a `train_snoopi.py` output folder and one of its checkpoints."
             )
+    check_weight_files(weights_file)
     args = json.loads(args_file.read_text())
     teacher = resolve_model_location(args["pretrained_model_name_or_path"])
-    pipe = OneStepPipeline.from_pretrained(teacher, revision=args.get("revision"), variant=args.get("variant"))
+    check_weight_files(teacher)
+    pipe = OneStepPipeline.from_pretrained(
+        teacher, revision=args.get("revision"), variant=args.get("variant"), use_safetensors=True
+    )
     pipe.scheduler = student_scheduler(pipe.scheduler.config, args["student_timestep"])
     if args["use_lora"]:
         pipe.unet.add_adapter(unet_lora_config(args["lora_rank"], args["lora_alpha"]))
