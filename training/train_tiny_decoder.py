@@ -4,8 +4,12 @@
 At one step the UNet is no longer the main cost of a text-to-image call; the VAE decoder is. This script trains
 the decoder half of an `AutoencoderTiny` to reproduce the full decoder's image from the model's own latents:
 images of a dataset encoded by the model's VAE (plus a little Gaussian noise, so that generated latents, which
-never sit exactly on the encoder's outputs, are covered too). The target is the full decoder's output, not the
-dataset image: the tiny decoder copies the decoder, errors included.
+never sit exactly on the encoder's outputs, are covered too), and optionally latents that few-step models sharing
+that VAE generate themselves (`--generated_latents_from`: the latents the decoder will actually be handed, which lie
+partly outside the encoder's). The target is the full decoder's output, not the dataset image: the tiny decoder
+copies the decoder, errors included. Besides the pixel loss, two optional terms weigh what a reader of the images
+is most sensitive to: the image's mean level (`--level_loss_weight`; on ShapesWorld the background is most of the
+image) and its edges (`--edge_loss_weight`, the error of horizontal and vertical pixel differences).
 
 Latent convention (what pipelines hand it): every pipeline decodes with
 `vae.decode(latents / vae.config.scaling_factor)`. The saved decoder has `scaling_factor = 1.0`, as TAESD, and is
@@ -73,6 +77,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--loss", choices=["l1", "l2"], default="l1")
     parser.add_argument(
+        "--edge_loss_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the L1 error of horizontal and vertical pixel differences (sharp, correctly placed edges).",
+    )
+    parser.add_argument(
+        "--level_loss_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the L1 error of each image's per-channel mean (the overall and background level).",
+    )
+    parser.add_argument(
+        "--init_decoder",
+        default=None,
+        help="Start from this AutoencoderTiny's decoder (name or folder; same widths and blocks) instead of at random.",
+    )
+    parser.add_argument(
+        "--generated_latents_from",
+        nargs="+",
+        default=[],
+        help="Pipelines (names or folders) sharing the VAE whose own generated latents join the training batches,"
+        " sampled with each model's default steps and guidance from training-split ShapesWorld captions.",
+    )
+    parser.add_argument(
+        "--generated_fraction",
+        type=float,
+        default=0.5,
+        help="Share of each batch taken from `--generated_latents_from` (the rest: encoded dataset images).",
+    )
+    parser.add_argument(
         "--latent_noise_std",
         type=float,
         default=0.2,
@@ -83,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_common_training_args(args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one of `--dataset_name` (a Hub image set or 'shapesworld') and `--train_data_dir`.")
+        raise ValueError(
+            "Give exactly one of `--dataset_name` (a Hub image set or 'shapesworld') and `--train_data_dir`."
+        )
     if len(args.decoder_block_out_channels) != len(args.num_decoder_blocks):
         raise ValueError("`--decoder_block_out_channels` and `--num_decoder_blocks` must have the same length.")
     if len(set(args.decoder_block_out_channels)) != 1:
@@ -93,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.latent_noise_std < 0:
         raise ValueError(f"`--latent_noise_std` must be >= 0, got {args.latent_noise_std}.")
+    for name in ("edge_loss_weight", "level_loss_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if args.generated_latents_from and not 0 < args.generated_fraction < 1:
+        raise ValueError(f"`--generated_fraction` must lie strictly between 0 and 1, got {args.generated_fraction}.")
     return args
 
 
@@ -151,7 +192,9 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
     image = image.convert("RGB")
     scale = size / min(image.size)
     if scale != 1:
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
+        image = image.resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
+        )
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -178,8 +221,50 @@ def teacher_latents_and_images(
     return latents, images
 
 
-def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
+def reconstruction_loss(
+    prediction: torch.Tensor, target: torch.Tensor, kind: str, edge_weight: float = 0.0, level_weight: float = 0.0
+) -> torch.Tensor:
+    """Pixel loss, plus the L1 error of neighbouring-pixel differences (edges) and of each image's channel means
+    (level), each weighted."""
+    loss = F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
+    if edge_weight:
+        for dim in (-1, -2):
+            loss = loss + edge_weight * F.l1_loss(prediction.diff(dim=dim), target.diff(dim=dim))
+    if level_weight:
+        loss = loss + level_weight * F.l1_loss(prediction.mean(dim=(-2, -1)), target.mean(dim=(-2, -1)))
+    return loss
+
+
+class GeneratedLatents:
+    """Latents that models sharing the VAE generate themselves, from training-split ShapesWorld captions.
+
+    The pipelines return their latents before the decode (`output_type="latent"`): scaled diffusion latents, the
+    pipelines' convention, which is what the tiny decoder takes. The models take turns, one per call.
+    """
+
+    def __init__(self, names: list[str], device: torch.device, seed: int, num_captions: int = 50_000):
+        from fastgen_diffusers import FastPipeline
+        from fastgen_diffusers.pipelines.auto import read_fastgen_metadata
+        from fastgen_diffusers.shapes import build_dataset
+
+        self.pipes = []
+        for name in names:
+            pipe = FastPipeline.from_pretrained(resolve_model_location(name), torch_dtype=torch.float32).to(device)
+            pipe.set_progress_bar_config(disable=True)
+            defaults = read_fastgen_metadata(resolve_model_location(name)).get("default_inference", {})
+            self.pipes.append(
+                (pipe, {k: v for k, v in defaults.items() if k in ("num_inference_steps", "guidance_scale")})
+            )
+        self.captions = build_dataset(num_captions, seed=seed, split="train").with_format(None)["caption"]
+        self.calls = 0
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        pipe, settings = self.pipes[self.calls % len(self.pipes)]
+        self.calls += 1
+        picks = torch.randint(len(self.captions), (count,), generator=generator, device=generator.device)
+        prompts = [self.captions[i] for i in picks.tolist()]
+        return pipe(prompt=prompts, generator=generator, output_type="latent", **settings).images
 
 
 @torch.no_grad()
@@ -208,7 +293,15 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_vae(args).to(accelerator.device)
     resolution = args.resolution or vae.config.sample_size
     tiny = make_tiny_decoder(vae, args.decoder_block_out_channels, args.num_decoder_blocks)
+    if args.init_decoder:
+        start = AutoencoderTiny.from_pretrained(resolve_model_location(args.init_decoder), torch_dtype=torch.float32)
+        tiny.decoder.load_state_dict(start.decoder.state_dict())  # raises if the architecture differs
     tiny.encoder.requires_grad_(False)
+    generated = (
+        GeneratedLatents(args.generated_latents_from, accelerator.device, args.seed + accelerator.process_index)
+        if args.generated_latents_from
+        else None
+    )
     decoder = tiny.decoder
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.learning_rate)
     dataset = load_images(args)
@@ -227,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     global_step = resume_or_seed(accelerator, args, "train_tiny_decoder")
     batches = resumed_batches(accelerator, dataloader, global_step * args.gradient_accumulation_steps)
     generator = torch.Generator(accelerator.device)  # seeded at each batch from this process's checkpointed RNG
-    fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(accelerator.device)
+    fixed_pixels = PixelCollator(resolution)([load_images(args, "eval", 8)[i] for i in range(8)]).to(
+        accelerator.device
+    )
 
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
     samples = []  # for the step journal: each image identifies its row
@@ -238,10 +333,22 @@ def main(argv: list[str] | None = None) -> None:
         # From the global RNG, which a checkpoint restores: a resumed run draws the noise an uninterrupted one would.
         generator.manual_seed(int(torch.randint(2**62, ())))
         with accelerator.accumulate(decoder):
-            latents, target = teacher_latents_and_images(vae, pixels, args.latent_noise_std, generator)
+            if generated is not None:
+                num_generated = round(len(pixels) * args.generated_fraction)
+                latents, target = teacher_latents_and_images(
+                    vae, pixels[num_generated:], args.latent_noise_std, generator
+                )
+                own = generated.sample(num_generated, generator)
+                with torch.no_grad():
+                    own_target = vae.decode(own / vae.config.scaling_factor).sample.clamp(-1, 1)
+                latents, target = torch.cat([own, latents]), torch.cat([own_target, target])
+            else:
+                latents, target = teacher_latents_and_images(vae, pixels, args.latent_noise_std, generator)
             with accelerator.autocast():
                 prediction = decoder(latents)
-            loss = reconstruction_loss(prediction.float(), target, args.loss)
+            loss = reconstruction_loss(
+                prediction.float(), target, args.loss, args.edge_loss_weight, args.level_loss_weight
+            )
             optimizer_step(accelerator, loss, decoder.parameters(), optimizer)
         if not accelerator.sync_gradients:
             continue
@@ -258,6 +365,20 @@ def main(argv: list[str] | None = None) -> None:
         tiny.decoder = accelerator.unwrap_model(decoder)
         finish(args, vae, tiny.eval(), resolution)
     accelerator.end_training()
+
+
+def describe_loss(args: argparse.Namespace) -> str:
+    """The loss and the batch's make-up as the model card states them."""
+    terms = [args.loss]
+    if args.edge_loss_weight:
+        terms.append(f"{args.edge_loss_weight:g} x edge L1 (pixel differences)")
+    if args.level_loss_weight:
+        terms.append(f"{args.level_loss_weight:g} x level L1 (per-image channel means)")
+    text = " + ".join(terms)
+    if args.generated_latents_from:
+        models = ", ".join(f"`{name}`" for name in args.generated_latents_from)
+        text += f"; {args.generated_fraction:.0%} of each batch: latents generated by {models} (their default sampler)"
+    return text
 
 
 def finish(args: argparse.Namespace, vae: AutoencoderKL, tiny: AutoencoderTiny, resolution: int) -> None:
@@ -281,9 +402,10 @@ def finish(args: argparse.Namespace, vae: AutoencoderKL, tiny: AutoencoderTiny, 
             "data": source,
             "decoder_parameters": f"{sum(p.numel() for p in tiny.decoder.parameters()):,}",
             "full_parameters": f"{sum(p.numel() for p in [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]):,}",
-            "steps": str(args.max_train_steps),
+            "steps": str(args.max_train_steps)
+            + (f" (starting from `{args.init_decoder}`'s decoder)" if args.init_decoder else ""),
             "batch_size": str(args.train_batch_size),
-            "loss": args.loss,
+            "loss": describe_loss(args),
             "latent_noise_std": str(args.latent_noise_std),
             "n": str(len(eval_set)),
             "mae": f"{error['tiny_vs_full_mae']:.2f}",
