@@ -82,7 +82,7 @@ def make_pairs(teacher: Path, out: Path) -> Path:
     result = subprocess.run(
         [sys.executable, str(REPO / "training" / "generate_reflow_pairs.py"), "--pretrained_model_name_or_path",
          str(teacher), "--output_dir", str(out), "--num_pairs", "8", "--shard_size", "4", "--batch_size", "4",
-         "--num_inference_steps", "2", "--shapesworld_prompts", "8"],
+         "--num_inference_steps", "2", "--guidance_scale", "4", "--shapesworld_prompts", "8"],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     if result.returncode != 0:
