@@ -327,7 +327,9 @@ def count_flops(args, device: str) -> dict:
     counter = FlopCounterMode(display=False, depth=1)
     with counter:
         pipe(**kwargs, output_type="pil")
-    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name != "Global"}
+    per_module = {  # top-level modules only: torch lists every submodule whatever the depth asked
+        name: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name != "Global" and "." not in name
+    }
     seconds = median([timed(lambda: pipe(**kwargs, output_type="pil"), device) for _ in range(args.options_repeats)])
     total = counter.get_total_flops()
     return {
