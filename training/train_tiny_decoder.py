@@ -49,6 +49,7 @@ from fastgen_diffusers.training.run import (
     start_run,
 )
 from fastgen_diffusers.training.validation import save_image_grid
+from fastgen_diffusers.utils.safe_loading import check_weight_files
 
 
 SHAPESWORLD = "shapesworld"
@@ -139,7 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_vae(args: argparse.Namespace) -> AutoencoderKL:
     location = resolve_model_location(args.pretrained_model_name_or_path)
-    vae = AutoencoderKL.from_pretrained(location, subfolder=args.vae_subfolder or None, torch_dtype=torch.float32)
+    check_weight_files(Path(location) / (args.vae_subfolder or ""))  # safetensors only; a damaged file is named
+    vae = AutoencoderKL.from_pretrained(
+        location, subfolder=args.vae_subfolder or None, torch_dtype=torch.float32, use_safetensors=True
+    )
     return vae.requires_grad_(False).eval()
 
 
@@ -294,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     resolution = args.resolution or vae.config.sample_size
     tiny = make_tiny_decoder(vae, args.decoder_block_out_channels, args.num_decoder_blocks)
     if args.init_decoder:
-        start = AutoencoderTiny.from_pretrained(resolve_model_location(args.init_decoder), torch_dtype=torch.float32)
+        init_location = resolve_model_location(args.init_decoder)
+        check_weight_files(init_location)
+        start = AutoencoderTiny.from_pretrained(init_location, torch_dtype=torch.float32, use_safetensors=True)
         tiny.decoder.load_state_dict(start.decoder.state_dict())  # raises if the architecture differs
     tiny.encoder.requires_grad_(False)
     generated = (
