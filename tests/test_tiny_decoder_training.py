@@ -72,8 +72,8 @@ def test_generated_latents_are_the_pipelines_own_scaled_latents(tiny_sd_path):
     """The latents a pipeline hands its decoder: sampling them again with the same seed gives the same latents,
     and decoding them with the pipeline's VAE gives the pipeline's own image."""
     source = train_tiny_decoder.GeneratedLatents([str(tiny_sd_path)], torch.device("cpu"), seed=0, num_captions=16)
-    latents = source.sample(3, torch.Generator().manual_seed(1))
-    again = source.sample(3, torch.Generator().manual_seed(1))
+    latents = source.sample(3, torch.Generator().manual_seed(1), batch_index=0)
+    again = source.sample(3, torch.Generator().manual_seed(1), batch_index=0)
     pipe, settings = source.pipes[0]
     assert latents.shape == (3, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     torch.testing.assert_close(latents, again, atol=1e-5, rtol=0)

@@ -243,7 +243,8 @@ class GeneratedLatents:
     """Latents that models sharing the VAE generate themselves, from training-split ShapesWorld captions.
 
     The pipelines return their latents before the decode (`output_type="latent"`): scaled diffusion latents, the
-    pipelines' convention, which is what the tiny decoder takes. The models take turns, one per call.
+    pipelines' convention, which is what the tiny decoder takes. The models take turns by batch index, so a
+    resumed run asks the same model as an uninterrupted one.
     """
 
     def __init__(self, names: list[str], device: torch.device, seed: int, num_captions: int = 50_000):
@@ -260,12 +261,10 @@ class GeneratedLatents:
                 (pipe, {k: v for k, v in defaults.items() if k in ("num_inference_steps", "guidance_scale")})
             )
         self.captions = build_dataset(num_captions, seed=seed, split="train").with_format(None)["caption"]
-        self.calls = 0
 
     @torch.no_grad()
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        pipe, settings = self.pipes[self.calls % len(self.pipes)]
-        self.calls += 1
+    def sample(self, count: int, generator: torch.Generator, batch_index: int) -> torch.Tensor:
+        pipe, settings = self.pipes[batch_index % len(self.pipes)]
         picks = torch.randint(len(self.captions), (count,), generator=generator, device=generator.device)
         prompts = [self.captions[i] for i in picks.tolist()]
         return pipe(prompt=prompts, generator=generator, output_type="latent", **settings).images
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
     samples = []  # for the step journal: each image identifies its row
-    for pixels in batches:
+    for batches_seen, pixels in enumerate(batches, start=global_step * args.gradient_accumulation_steps):
         if global_step >= args.max_train_steps:
             break
         samples.append(fingerprints(pixels))
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 latents, target = teacher_latents_and_images(
                     vae, pixels[num_generated:], args.latent_noise_std, generator
                 )
-                own = generated.sample(num_generated, generator)
+                own = generated.sample(num_generated, generator, batches_seen)
                 with torch.no_grad():
                     own_target = vae.decode(own / vae.config.scaling_factor).sample.clamp(-1, 1)
                 latents, target = torch.cat([own, latents]), torch.cat([own_target, target])
