@@ -14,14 +14,14 @@ import os
 import shutil
 import subprocess
 import sys
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, seed, settings
+from fuzzing import ERROR, WORKS, fuzz, write_outcomes
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastgen_diffusers.cli import main
@@ -31,31 +31,13 @@ from fastgen_diffusers.models.ppap import PPAPGuideNet
 from fastgen_diffusers.pipelines.oms import OMSPipeline
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 
-FUZZ_SCALE = int(os.environ.get("FASTGEN_FUZZ_SCALE", "1"))
 OUTCOMES: Counter = Counter()
-WORKS, ERROR = "works", "error"
-
-
-def fuzz(max_examples: int, target: str = ""):
-    """Bounded, deterministic hypothesis settings: the same examples every run, a different sequence per target."""
-    configured = settings(
-        max_examples=max_examples * FUZZ_SCALE,
-        deadline=None,
-        derandomize=False,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
-    return lambda test: seed(zlib.crc32(f"{test.__qualname__}:{target}".encode()))(configured(test))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_outcomes():
     yield
-    path = os.environ.get("FASTGEN_FUZZ_REPORT")
-    if path:
-        with open(path, "a") as report:
-            report.writelines(json.dumps({"file": "cli", "target": target, "input": kind, "outcome": outcome,
-                                         "count": count}) + "\n" for (target, kind, outcome), count in sorted(OUTCOMES.items()))  # fmt: skip
+    write_outcomes("cli", OUTCOMES)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ of examples, and `FASTGEN_FUZZ_REPORT=path.jsonl` appends the outcome counts per
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +21,8 @@ import pytest
 import torch
 from conftest import make_tiny_sd_components
 from diffusers import AutoencoderTiny
-from hypothesis import HealthCheck, given, seed, settings
+from fuzzing import ERROR, WORKS, fuzz, write_outcomes
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -37,33 +35,16 @@ from fastgen_diffusers.pipelines.oms import OMSPipeline
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 from fastgen_diffusers.schedulers import OneStepScheduler, RectifiedFlowEulerScheduler
 
-FUZZ_SCALE = int(os.environ.get("FASTGEN_FUZZ_SCALE", "1"))
 OUTCOMES: Counter = Counter()
 PROMPT = "a small red triangle at the top left on a black background"
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-WORKS, ERROR, EITHER = "works", "error", "either"
-
-
-def fuzz(max_examples: int, target: str = ""):
-    """Bounded, deterministic hypothesis settings: the same examples every run, a different sequence per target."""
-    configured = settings(
-        max_examples=max_examples * FUZZ_SCALE,
-        deadline=None,
-        derandomize=False,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
-    return lambda test: seed(zlib.crc32(f"{test.__qualname__}:{target}".encode()))(configured(test))
+EITHER = "either"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_outcomes():
     yield
-    path = os.environ.get("FASTGEN_FUZZ_REPORT")
-    if path:
-        with open(path, "a") as report:
-            report.writelines(json.dumps({"file": "pipelines", "target": target, "input": kind, "outcome": outcome,
-                                         "count": count}) + "\n" for (target, kind, outcome), count in sorted(OUTCOMES.items()))  # fmt: skip
+    write_outcomes("pipelines", OUTCOMES)
 
 
 # ---- the pipelines, built once --------------------------------------------------------------------------------

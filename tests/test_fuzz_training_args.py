@@ -13,45 +13,24 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
-import os
 import sys
-import zlib
 from collections import Counter
 from pathlib import Path
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from fuzzing import ERROR, WORKS, fuzz, write_outcomes
+from hypothesis import given
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
-FUZZ_SCALE = int(os.environ.get("FASTGEN_FUZZ_SCALE", "1"))
 OUTCOMES: Counter = Counter()
-WORKS, ERROR = "works", "error"
-
-
-def fuzz(max_examples: int, target: str = ""):
-    """Bounded, deterministic hypothesis settings: the same examples every run, a different sequence per target."""
-    configured = settings(
-        max_examples=max_examples * FUZZ_SCALE,
-        deadline=None,
-        derandomize=False,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
-    return lambda test: seed(zlib.crc32(f"{test.__qualname__}:{target}".encode()))(configured(test))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_outcomes():
     yield
-    path = os.environ.get("FASTGEN_FUZZ_REPORT")
-    if path:
-        with open(path, "a") as report:
-            for (target, kind, outcome), count in sorted(OUTCOMES.items()):
-                row = {"file": "training", "target": target, "input": kind, "outcome": outcome, "count": count}
-                report.write(json.dumps(row) + "\n")
+    write_outcomes("training", OUTCOMES)
 
 
 def load_script(name: str):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,25 +11,18 @@ import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from test_training_scripts import script_module
 
 from fastgen_diffusers import FastPipeline, assets
 from fastgen_diffusers.pipelines.instaflow import InstaFlowPipeline
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 from fastgen_diffusers.schedulers import RectifiedFlowEulerScheduler
 
-
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a small red triangle at the top left on a black background"
 
 
-def load_training_script():
-    spec = importlib.util.spec_from_file_location("train_tiny_decoder", REPO / "training" / "train_tiny_decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tiny_decoder = load_training_script()
+train_tiny_decoder = script_module("train_tiny_decoder")
 
 
 def random_tiny_decoder(vae, seed: int = 0) -> AutoencoderTiny:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from test_training_scripts import script_module
 
-
-REPO = Path(__file__).resolve().parents[1]
 BASE = ["--pretrained_model_name_or_path", "x", "--output_dir", "o", "--max_train_steps", "1"]
 
 
-def load_training_script():
-    spec = importlib.util.spec_from_file_location("train_tiny_decoder", REPO / "training" / "train_tiny_decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tiny_decoder = load_training_script()
+train_tiny_decoder = script_module("train_tiny_decoder")
 
 
 def test_level_term_is_the_mean_offset_and_edge_term_ignores_it():
