@@ -280,10 +280,15 @@ def test_lora_output_loads_and_changes_the_model(launch, tiny_sd_path, teacher_p
     out = tmp_path / "lora"
     launch("train_rectified_flow.py", "--pretrained_model_name_or_path", str(tiny_sd_path), "--pairs_dir",
            str(teacher_pairs), "--output_dir", str(out), "--use_lora", "--lora_rank", "2", "--learning_rate", "1e-2",
-           "--max_train_steps", "2", *TRAIN_ARGS)  # fmt: skip
+           "--max_train_steps", "2", "--max_pairs", "6", *TRAIN_ARGS)  # fmt: skip
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert weights and all("lora" in key for key in weights)
     assert not (out / "unet").exists()
+    # --max_pairs: the first 6 of the 10 pairs, each step's samples among them (the step journal)
+    assert "| pairs | 6," in (out / "README.md").read_text()
+    first_six = read_pairs(teacher_pairs, tmp_path / "cache")["noise"][:6].double().flatten(1).sum(1).tolist()
+    for line in (out / "step_log.jsonl").read_text().splitlines():
+        assert all(min(abs(f - x) for x in first_six) < 1e-6 * max(1.0, abs(f)) for f in json.loads(line)["samples"])
 
     teacher = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     pipe = InstaFlowPipeline(

@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--lora_rank", type=int, default=4)
     group = parser.add_argument_group("data")
     group.add_argument("--pairs_dir", type=str, required=True, help="Output of generate_reflow_pairs.py.")
+    group.add_argument(
+        "--max_pairs",
+        type=int,
+        default=None,
+        help="Train on the first N complete pairs only (pairs are numbered in shard order): for the gap against the"
+        " number of pairs.",
+    )
     group = parser.add_argument_group("loss")
     group.add_argument(
         "--loss",
@@ -75,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arguments.check_common_training_args(args)
     if args.loss == "lpips" and not args.distill:
         raise ValueError("`--loss lpips` compares the one-step student's decoded images; use it with `--distill`.")
-    arguments.check_positive(args, "huber_c", "lora_rank", "num_inference_steps")
+    arguments.check_positive(args, "huber_c", "lora_rank", "num_inference_steps", "max_pairs")
     arguments.check_non_negative(args, "nasa_scale")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must lie in [0, 1), got {args.ema_decay}.")
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             f"`--pairs_dir` holds latents with {pairs.features['latent'].shape[0]} channels; the UNet of "
             f"`--pretrained_model_name_or_path` takes {unet.config.in_channels}."
         )
+    if args.max_pairs is not None:
+        pairs = pairs.select(range(min(args.max_pairs, len(pairs))))
     pairs_config = reflow.read_pairs_config(args.pairs_dir)
     if len(pairs) < pairs_config.get("num_pairs", 0):
         logger.warning(f"Training on the {len(pairs)} complete pairs of {pairs_config['num_pairs']}.")
