@@ -36,7 +36,6 @@ from report import write_report
 
 from fastgen_diffusers import FastPipeline
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
-from fastgen_diffusers.pipelines.oms import OMSPipeline
 from fastgen_diffusers.shapes import evaluation_prompts
 from fastgen_diffusers.shapes.captions import BACKGROUNDS, make_caption
 from fastgen_diffusers.shapes.evaluate import evaluate_pipeline, image_generator
@@ -265,6 +264,12 @@ def main() -> None:
         write_table(args, cache, tag)
 
 
+def seed_rows(rows: dict, stage: str, model: str, variant: str, seeds: list[int], n: int) -> list[dict] | None:
+    """The cached rows of one table line, one per seed; None while any seed is still unmeasured."""
+    found = [rows.get(f"{stage}|{model}|{variant}|{s}|{n}") for s in seeds]
+    return None if any(r is None for r in found) else found
+
+
 def write_table(args, cache: Cache, tag: str) -> None:
     rows = cache.rows
     record: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
@@ -278,8 +283,8 @@ def write_table(args, cache: Cache, tag: str) -> None:
     for model in BASES:
         seeds, n, control_n, _ = plan(args, model)
         for variant in ("none", tag):
-            found = [rows.get(f"quality|{model}|{variant}|{s}|{n}") for s in seeds]
-            if any(r is None for r in found):
+            found = seed_rows(rows, "quality", model, variant, seeds, n)
+            if found is None:
                 continue
             record["rows"][f"quality|{model}|{variant}"] = found
             cells = [f"{len(seeds)} x {n}", spread([r["brightness_error"] for r in found], 2)]
@@ -304,8 +309,8 @@ def write_table(args, cache: Cache, tag: str) -> None:
     for model in BASES:
         seeds, n, control_n, _ = plan(args, model)
         for variant in ("none", tag):
-            found = [rows.get(f"control|{model}|{variant}|{s}|{control_n}") for s in seeds]
-            if any(r is None for r in found):
+            found = seed_rows(rows, "control", model, variant, seeds, control_n)
+            if found is None:
                 continue
             record["rows"][f"control|{model}|{variant}"] = found
             cells = [f"{len(seeds)} x {control_n}", spread([r["follows_named_background"] for r in found], 3),

@@ -21,10 +21,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from fastgen_diffusers import FastPipeline
 from fastgen_diffusers.cli import sampling_kwargs
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
 from fastgen_diffusers.shapes import evaluation_prompts, render, render_attributes
+from fastgen_diffusers.shapes.defects import defect_images
 from fastgen_diffusers.shapes.evaluate import generate_images
 from fastgen_diffusers.shapes.judge import ShapesJudge
 from fastgen_diffusers.shapes.negative_eval import colour_free_prompts
@@ -44,11 +48,6 @@ def load_with_defaults(model: str):
 
 def save_defects_figure(path: Path, seed: int) -> None:
     """Synthetic defects, one row per kind; a green frame marks each one the judge accepts."""
-    import numpy as np
-    from PIL import Image
-
-    from fastgen_diffusers.shapes.defects import defect_images
-
     judge = ShapesJudge.from_pretrained()
     tiles = []
     for images in defect_images(COMPARISON_COLUMNS, seed=seed).values():
