@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 from test_training_scripts import accelerate_launch, script_module
 
@@ -26,7 +27,7 @@ from fastgen_diffusers.training.score_distillation import (
     vsd_gradient,
     vsd_loss,
 )
-from fastgen_diffusers.training.students import load_student_checkpoint
+from fastgen_diffusers.training.students import load_student_checkpoint, student_scheduler
 
 SCHEDULER = OneStepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's schedule
 ALPHAS_CUMPROD = SCHEDULER.alphas_cumprod
@@ -83,6 +84,15 @@ def test_student_x0_at_the_last_timestep_by_hand():
     assert x0.dtype == torch.float32
     expected = (noise.half().double() - (1 - a).sqrt() * model_output.half().double()) / a.sqrt()
     torch.testing.assert_close(x0.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_student_scheduler_keeps_the_teachers_schedule_but_not_its_sampler_options():
+    teacher = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False)
+    student = student_scheduler(teacher.config, None)
+    assert student.config.student_timestep == 999
+    assert student.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(student.alphas_cumprod, teacher.alphas_cumprod)
+    assert "clip_sample" not in student.config and "steps_offset" not in student.config
 
 
 def test_noisy_sample_uses_one_timestep_per_sample_in_float32():

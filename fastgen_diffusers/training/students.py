@@ -8,6 +8,7 @@ decided how long `shapes-snoopi` trains.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def student_scheduler(teacher_scheduler_config: FrozenDict | dict, student_times
     (999 for SD)."""
     if student_timestep is None:
         student_timestep = teacher_scheduler_config["num_train_timesteps"] - 1
-    return OneStepScheduler.from_config(teacher_scheduler_config, student_timestep=student_timestep)
+    # Keep only the schedule: the teacher's sampler options (DDIM's clip_sample, steps_offset, ...) would be saved
+    # into the student's config and warned about at every load.
+    accepted = inspect.signature(OneStepScheduler.__init__).parameters
+    schedule = {key: value for key, value in teacher_scheduler_config.items() if key in accepted}
+    return OneStepScheduler.from_config(schedule, student_timestep=student_timestep)
 
 
 def load_student_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> OneStepPipeline:
