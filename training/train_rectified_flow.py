@@ -175,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
             f"`--pairs_dir` holds latents with {pairs.features['latent'].shape[0]} channels; the UNet of "
             f"`--pretrained_model_name_or_path` takes {unet.config.in_channels}."
         )
-    if args.max_pairs is not None:
-        pairs = pairs.select(range(min(args.max_pairs, len(pairs))))
     pairs_config = reflow.read_pairs_config(args.pairs_dir)
-    if len(pairs) < pairs_config.get("num_pairs", 0):
-        logger.warning(f"Training on the {len(pairs)} complete pairs of {pairs_config['num_pairs']}.")
+    wanted = pairs_config.get("num_pairs", 0)
+    if args.max_pairs is not None:
+        wanted = min(wanted, args.max_pairs)
+        pairs = pairs.select(range(min(args.max_pairs, len(pairs))))
+    if len(pairs) < wanted:  # generation still running, or stopped early
+        logger.warning(f"Training on the {len(pairs)} complete pairs of the {wanted} asked for.")
     dataloader = DataLoader(
         pairs.with_format("torch"),
         batch_size=args.train_batch_size,

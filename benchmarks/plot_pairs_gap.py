@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""The open-prompt gap of a reflowed model against the number of reflow pairs it was trained on, as a PNG and a table.
+
+Each point is one `fastgen eval --open --json` record of a model trained on the first N pairs
+(`train_rectified_flow.py --max_pairs N`); the teacher's record of the same prompts is the line the gap is
+measured from. Reads records only, so the plot can be redrawn without sampling again.
+
+    python benchmarks/plot_pairs_gap.py --teacher runs/eval/teacher_open1000.json \
+        --point 0:runs/eval/shapes-2rf_open1000.json --point 750:runs/gap/2rf-p750_open1000.json ... \
+        --out docs/images/open_pairs_gap.png --table benchmarks/results/open_pairs_gap.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def read_point(spec: str) -> tuple[int, dict]:
+    """`N:PATH` -> (N, the eval record at PATH)."""
+    count, sep, path = spec.partition(":")
+    if not sep or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"--point must be N:PATH with N a whole number of pairs, got {spec!r}.")
+    return int(count), json.loads(Path(path).read_text())
+
+
+def gap_rows(teacher: dict, points: list[tuple[int, dict]]) -> list[dict]:
+    """Per point: stated-attribute adherence, its ratio to the teacher's, open TV and its excess over the teacher's."""
+    rows = []
+    for count, record in sorted(points, key=lambda point: point[0]):
+        if record["n"] != teacher["n"] or record["seed"] != teacher["seed"]:
+            raise ValueError(
+                f"{record['model']} was judged on n={record['n']}, seed={record['seed']}; the teacher on "
+                f"n={teacher['n']}, seed={teacher['seed']}: the same prompts are needed for a gap."
+            )
+        rows.append(
+            {
+                "pairs": count,
+                "model": record["model"],
+                "stated": record["adherence"]["all"],
+                "stated_ratio": record["adherence"]["all"] / teacher["adherence"]["all"],
+                "open_tv": record["open_tv"]["mean"],
+                "tv_excess": record["open_tv"]["mean"] - teacher["open_tv"]["mean"],
+                "rejected": record["rejected"],
+            }
+        )
+    return rows
+
+
+def write_table(rows: list[dict], teacher: dict, path: Path) -> None:
+    lines = [
+        f"Open prompts (n = {teacher['n']}, seed {teacher['seed']}): the teacher's stated adherence is "
+        f"{teacher['adherence']['all']:.3f}, its open TV {teacher['open_tv']['mean']:.3f}.",
+        "",
+        "| pairs | model | stated | stated / teacher | open TV | TV - teacher | rejected |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['pairs']} | {row['model']} | {row['stated']:.3f} | {row['stated_ratio']:.3f} | "
+            f"{row['open_tv']:.3f} | {row['tv_excess']:+.3f} | {row['rejected']:.3f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], teacher: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [max(row["pairs"], 1) for row in rows]  # 0 pairs sits at 1 on the log axis
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(pairs, [row["stated"] for row in rows], "o-", label="2-RF (4 steps)")
+    left.axhline(teacher["adherence"]["all"], color="k", linestyle="--", label="teacher")
+    left.axhline(0.95 * teacher["adherence"]["all"], color="grey", linestyle=":", label="goal: 0.95x teacher")
+    left.set(xscale="log", xlabel="reflow pairs (0 drawn at 1)", ylabel="stated attributes right")
+    right.plot(pairs, [row["open_tv"] for row in rows], "o-", label="2-RF (4 steps)")
+    right.axhline(teacher["open_tv"]["mean"], color="k", linestyle="--", label="teacher")
+    right.axhline(teacher["open_tv"]["mean"] + 0.03, color="grey", linestyle=":", label="goal: teacher + 0.03")
+    right.set(xscale="log", xlabel="reflow pairs (0 drawn at 1)", ylabel="open-attribute TV (lower is better)")
+    for axis in (left, right):
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{title} (open prompts, n = {teacher['n']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, required=True, help="The teacher's `fastgen eval --open --json` record.")
+    parser.add_argument("--point", type=read_point, action="append", required=True, help="N:PATH, repeated.")
+    parser.add_argument("--out", type=Path, required=True, help="The PNG to write.")
+    parser.add_argument("--table", type=Path, help="Also write the points as a markdown table.")
+    parser.add_argument("--title", default="Open-prompt gap against the number of reflow pairs", help="Plot title.")
+    args = parser.parse_args()
+    teacher = json.loads(args.teacher.read_text())
+    rows = gap_rows(teacher, args.point)
+    plot(rows, teacher, args.out, args.title)
+    if args.table:
+        write_table(rows, teacher, args.table)
+    for row in rows:
+        print(f"{row['pairs']:>6} pairs: stated {row['stated']:.3f} ({row['stated_ratio']:.2f}x), TV {row['tv_excess']:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
