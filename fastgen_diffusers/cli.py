@@ -197,32 +197,22 @@ def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
 def load_ppap(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The `PPAPGuidance` named by `--ppap`: a collection's classifier/ (with `--guide-class`, and in eval by default)
     or regressor/ (with `--guide-target`), a member named outright (`shapes-ppap/regressor`), or a saved
-    PPAPGuidance folder."""
-    from .guidance import PPAPGuidance
+    PPAPGuidance folder, or a Hub id: the names `FastPipeline.from_pretrained(..., ppap=...)` reads."""
+    from .pipelines.ppap import load_ppap_guidance
 
     if args.guide_class is not None and args.guide_target is not None:
         parser.error("Give --guide-class (a classifier guide) or --guide-target (a regressor guide), not both.")
-    asset, _, member = args.ppap.partition("/")
-    if member and asset in assets.names():
-        location = assets.path(asset) / member
-    else:
-        location = Path(resolve_model_location(args.ppap))
-    subfolder = None
-    if not (location / "ppap_config.json").is_file():
-        subfolder = "regressor" if args.guide_target is not None else "classifier"
     try:
-        return PPAPGuidance.from_pretrained(location, subfolder=subfolder)
+        return load_ppap_guidance(args.ppap, member="regressor" if args.guide_target is not None else None)
     except (ValueError, OSError) as error:
         parser.error(f"--ppap {args.ppap!r} could not be loaded: {error}")
 
 
 def guided(pipe):
     """`pipe` as a pipeline whose loop takes `guidance_fn` (the teacher's folder names StableDiffusionPipeline)."""
-    from .pipelines.core import FastDiffusionPipeline
+    from .pipelines.ppap import with_guidance_loop
 
-    if isinstance(pipe, FastDiffusionPipeline):
-        return pipe
-    guided_pipe = FastDiffusionPipeline.from_pipe(pipe)
+    guided_pipe = with_guidance_loop(pipe)
     guided_pipe.set_progress_bar_config(disable=True)
     return guided_pipe
 
@@ -331,9 +321,9 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(f"--out {str(args.out)!r}: {str(blocking)!r} is a file; give a folder.")
 
     pipe, metadata = load_pipeline(args.model, parser, args.decoder)
-    pipe = attach_oms(pipe, args, parser)
-    if args.ppap is not None:
+    if args.ppap is not None:  # before OMS, which hands `guidance_fn` on to the pipeline it runs in front of
         pipe = guided(pipe)
+    pipe = attach_oms(pipe, args, parser)
     settings = {**sampling_kwargs(args, metadata), "negative_prompt": args.negative_prompt, **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
     guidance = ppap_kwargs(args, pipe, parser)
@@ -385,12 +375,14 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .shapes.judge import ShapesJudge
 
     pipe, metadata = load_pipeline(args.model, parser, args.decoder)
+    if args.ppap is not None:  # before OMS, which hands `guidance_fn` on to the pipeline it runs in front of
+        pipe = guided(pipe)
     pipe = attach_oms(pipe, args, parser)
     settings = {**sampling_kwargs(args, metadata), **oms_kwargs(args)}
     check_call_arguments(pipe, settings, parser)
     judge = ShapesJudge.from_pretrained()
     if args.ppap is not None:
-        run_ppap_eval(args, guided(pipe), judge, settings, parser)
+        run_ppap_eval(args, pipe, judge, settings, parser)
         return
     if args.open and args.negative:
         parser.error("--open and --negative are two different measurements; give one.")

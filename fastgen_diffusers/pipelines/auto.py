@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diffusers
 from diffusers import DiffusionPipeline
@@ -19,6 +20,9 @@ from huggingface_hub.errors import EntryNotFoundError
 
 from .. import assets
 from ..utils.safe_loading import check_weight_files
+
+if TYPE_CHECKING:
+    from ..guidance import PPAPGuidance
 
 # `_class_name` in model_index.json -> "module:Class" of the pipeline that loads it.
 PIPELINE_CLASSES: dict[str, str] = {
@@ -79,11 +83,15 @@ class FastPipeline:
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         oms: str | os.PathLike | None = None,
+        ppap: str | os.PathLike | PPAPGuidance | None = None,
         allow_pickle: bool = False,
         **kwargs,
     ) -> DiffusionPipeline:
         """The checkpoint's pipeline; with `oms` (a One More Step module: embedded name, folder or Hub id), an
-        `OMSPipeline` that runs the module in front of it.
+        `OMSPipeline` that runs the module in front of it; with `ppap` (a saved `PPAPGuidance`: a folder, an embedded
+        collection member such as `shapes-ppap/regressor`, a collection such as `shapes-ppap` meaning its
+        `classifier/`, or a Hub id; or a `PPAPGuidance`), a `PPAPPipeline` whose calls take `guide_class` /
+        `guide_target`. With both, OMS makes the first latent and PPAP guides the base's steps after it.
 
         Weights load from safetensors only: a pickle (`.bin`, `.ckpt`) runs any code it holds when loaded, so one is
         read only with `allow_pickle=True` (Diffusers' fallback where a component has no safetensors file) or
@@ -94,16 +102,27 @@ class FastPipeline:
         check_weight_files(location, allow_pickle=kwargs["use_safetensors"] is not True)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         pipeline_class = pipeline_class_for(read_model_index(location, **hub_kwargs)["_class_name"])
-        pipe = pipeline_class.from_pretrained(location, **kwargs)
-        if oms is None:
-            return pipe
-        from .oms import OMSPipeline
+        if ppap is not None:  # loaded first: a bad name fails before the base loads
+            from ..guidance import PPAPGuidance
+            from .ppap import PPAPPipeline, load_ppap_guidance, with_guidance_loop
 
-        oms_kwargs = {
-            k: kwargs[k] for k in ("dtype", "torch_dtype", "token", "cache_dir", "use_safetensors") if k in kwargs
-        }
-        check_weight_files(resolve_model_location(oms), allow_pickle=kwargs["use_safetensors"] is not True)
-        return OMSPipeline.from_pretrained(resolve_model_location(oms), base_pipeline=pipe, **oms_kwargs)
+            if not isinstance(ppap, PPAPGuidance):
+                ppap_kwargs = {k: kwargs[k] for k in ("token", "cache_dir") if k in kwargs}
+                ppap = load_ppap_guidance(ppap, allow_pickle=kwargs["use_safetensors"] is not True, **ppap_kwargs)
+        pipe = pipeline_class.from_pretrained(location, **kwargs)
+        if ppap is not None:
+            pipe = with_guidance_loop(pipe)  # before OMS, so that the pipeline OMS hands its latent to takes guidance
+        if oms is not None:
+            from .oms import OMSPipeline
+
+            oms_kwargs = {
+                k: kwargs[k] for k in ("dtype", "torch_dtype", "token", "cache_dir", "use_safetensors") if k in kwargs
+            }
+            check_weight_files(resolve_model_location(oms), allow_pickle=kwargs["use_safetensors"] is not True)
+            pipe = OMSPipeline.from_pretrained(resolve_model_location(oms), base_pipeline=pipe, **oms_kwargs)
+        if ppap is not None:
+            pipe = PPAPPipeline(ppap, base_pipeline=pipe)
+        return pipe
 
 
 FASTGEN_METADATA_FILE = "fastgen.json"
