@@ -13,6 +13,7 @@ try:
     from .models import OMSModel
     from .pipelines import FastDiffusionPipeline, FastPipeline, InstaFlowPipeline, OneStepPipeline
     from .pipelines.oms import OMSPipeline
+    from .pipelines.ppap import PPAPPipeline
     from .schedulers import OneStepScheduler, RectifiedFlowEulerScheduler
 finally:
     _transformers_logging.set_verbosity(_verbosity)
