@@ -173,7 +173,8 @@ class PPAPPipeline(DiffusionPipeline):
         if not takes_guidance_fn(sampler):
             raise TypeError(
                 f"`base_pipeline` {name}'s sampling loop takes no `guidance_fn`; give it the package's loop with"
-                " `FastDiffusionPipeline.from_pipe(base)` (FastPipeline.from_pretrained(..., ppap=...) does this)."
+                " `fastgen_diffusers.pipelines.ppap.with_guidance_loop(base)` (FastPipeline.from_pretrained(...,"
+                " ppap=...) does this)."
             )
         scheduler = getattr(sampler, "scheduler", None)
         if scheduler is None:
