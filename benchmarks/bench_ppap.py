@@ -50,12 +50,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--scale", type=float, default=1.0, help="Guidance scale of every guided method.")
     parser.add_argument("--grad-rms", type=float, default=None, help="Rescale each gradient to this RMS first.")
+    parser.add_argument("--method-scale", nargs="+", default=[], metavar="METHOD=SCALE",
+                        help="A scale for one method instead of --scale (each method's scale tuned on its own).")
     parser.add_argument("--methods", nargs="+", default=None, help="Only these rows (e.g. 'no guidance' PPAP).")
     parser.add_argument("--timing-reps", type=int, default=3, help="0 skips the cost measurement.")
     parser.add_argument("--timing-batch-size", type=int, default=None, help="Default: --batch-size.")
     parser.add_argument("--figure", type=Path, default=None, help="A PNG grid: one row per method, 2 images per target.")
     parser.add_argument("--out", type=Path, default=None, help="Default: results/ppap_<model>_<seed>.md")
     return parser.parse_args()
+
+
+def parse_method_scales(specs: list[str], methods: set[str]) -> dict[str, float]:
+    """`["PPAP=3", "single expert=1"]` -> {"PPAP": 3.0, "single expert": 1.0}, methods checked by name."""
+    scales = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        if not sep or name not in methods:
+            raise SystemExit(f"--method-scale takes METHOD=SCALE with METHOD one of {sorted(methods)}, got {spec!r}.")
+        scales[name] = float(value)
+    return scales
 
 
 def guidance_for_method(method: str | None, ppap_dir: Path, task: str, pipe, cache: dict):
@@ -104,11 +117,13 @@ def main() -> None:
     judge = ShapesJudge.from_pretrained()
     tasks = ["classification", "regression"] if args.task == "both" else [args.task]
     guide_kwargs = {"scale": args.scale, "grad_rms": args.grad_rms}
+    method_scales = parse_method_scales(args.method_scale, {*CLASSIFIER_METHODS, *REGRESSOR_METHODS})
 
     lines = [f"# PPAP on ShapesWorld: {args.model}", "",
              f"`python {shlex.join(sys.argv)}`; sampler {call_kwargs}; n = {args.n} prompts per method, seed {args.seed}.",
              ""]  # fmt: skip
-    record = {"model": args.model, "seed": args.seed, "n": args.n, "call": call_kwargs, **guide_kwargs, "tasks": {}}
+    record = {"model": args.model, "seed": args.seed, "n": args.n, "call": call_kwargs, **guide_kwargs,
+              "method_scales": method_scales, "tasks": {}}  # fmt: skip
     figure_rows = {}
     cache: dict = {}
     for task in tasks:
@@ -118,7 +133,8 @@ def main() -> None:
         rows = {}
         for name, method in methods.items():
             guidance = guidance_for_method(method, ppap_dir, task, pipe, cache)
-            guidance_for = None if guidance is None else (lambda target, g=guidance: bind_target(g, task, target, **guide_kwargs))
+            kwargs = {**guide_kwargs, "scale": method_scales.get(name, args.scale)}
+            guidance_for = None if guidance is None else (lambda target, g=guidance, kw=kwargs: bind_target(g, task, target, **kw))
             result = evaluate_guided(pipe, judge, task, guidance_for, args.n, args.seed, args.batch_size, **call_kwargs)
             per_target = len(result["images"]) // len(targets_for(task))
             shown = min(2, per_target)
@@ -129,11 +145,12 @@ def main() -> None:
         stated = list(next(iter(rows.values()))["stated"])
         extra = ["centre error (px)"] if task == "regression" else []
         lines += [f"## {attribute} guided ({task} guide), prompts without the {attribute}", "",
-                  f"| method | {attribute} = target | " + " | ".join(extra + stated) + " | images/s |",
-                  "|---" * (len(stated) + len(extra) + 3) + "|"]  # fmt: skip
+                  f"| method | scale | {attribute} = target | " + " | ".join(extra + stated) + " | images/s |",
+                  "|---" * (len(stated) + len(extra) + 4) + "|"]  # fmt: skip
         for name, row in rows.items():
             cells = ([f"{row['centre_error_px']:.2f}"] if extra else []) + [f"{row['stated'][s]:.3f}" for s in stated]
-            lines.append(f"| {name} | {row['target_rate']:.3f} | " + " | ".join(cells) + f" | {row['images_per_second']:.1f} |")
+            scale = "-" if methods[name] is None else f"{method_scales.get(name, args.scale):g}"
+            lines.append(f"| {name} | {scale} | {row['target_rate']:.3f} | " + " | ".join(cells) + f" | {row['images_per_second']:.1f} |")
         lines.append("")
 
     if args.timing_reps > 0:  # cost: one batch, unguided, naive and PPAP, interleaved
@@ -143,7 +160,8 @@ def main() -> None:
         for name, method in CLASSIFIER_METHODS.items():
             if method in ("naive", "classifier"):
                 guidance = guidance_for_method(method, ppap_dir, "classification", pipe, cache)
-                fns[name] = bind_target(guidance, "classification", "triangle", **guide_kwargs)
+                kwargs = {**guide_kwargs, "scale": method_scales.get(name, args.scale)}
+                fns[name] = bind_target(guidance, "classification", "triangle", **kwargs)
         seconds = time_interleaved(pipe, fns, prompts, args.timing_reps, **call_kwargs)
         record["seconds_per_batch"] = seconds
         lines += [f"## Cost (batch of {batch_size}, median of {args.timing_reps} interleaved runs after a warm-up round)", "",

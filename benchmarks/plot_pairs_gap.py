@@ -18,11 +18,17 @@ from pathlib import Path
 
 
 def read_point(spec: str) -> tuple[int, dict]:
-    """`N:PATH` -> (N, the eval record at PATH)."""
-    count, sep, path = spec.partition(":")
-    if not sep or not count.isdigit():
-        raise argparse.ArgumentTypeError(f"--point must be N:PATH with N a whole number of pairs, got {spec!r}.")
-    return int(count), json.loads(Path(path).read_text())
+    """`N:PATH[:LABEL]` -> (N, the eval record at PATH, its model named LABEL if given)."""
+    count, _, rest = spec.partition(":")
+    path, _, label = rest.partition(":")
+    if not path or not count.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"--point must be N:PATH[:LABEL] with N a whole number of pairs, got {spec!r}."
+        )
+    record = json.loads(Path(path).read_text())
+    if label:
+        record["model"] = label
+    return int(count), record
 
 
 def gap_rows(teacher: dict, points: list[tuple[int, dict]]) -> list[dict]:
@@ -91,7 +97,7 @@ def plot(rows: list[dict], teacher: dict, path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True, help="The teacher's `fastgen eval --open --json` record.")
-    parser.add_argument("--point", type=read_point, action="append", required=True, help="N:PATH, repeated.")
+    parser.add_argument("--point", type=read_point, action="append", required=True, help="N:PATH[:LABEL], repeated.")
     parser.add_argument("--out", type=Path, required=True, help="The PNG to write.")
     parser.add_argument("--table", type=Path, help="Also write the points as a markdown table.")
     parser.add_argument("--title", default="Open-prompt gap against the number of reflow pairs", help="Plot title.")
