@@ -12,6 +12,7 @@ from test_training_scripts import accelerate_launch, script_module
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline, RectifiedFlowEulerScheduler
 from fastgen_diffusers.training.checkpointing import list_checkpoints
+from fastgen_diffusers.training.prompts import cycle_with_empty_prompts
 from fastgen_diffusers.training.reflow import (
     PAIRS_CONFIG_FILE,
     check_pairs_config,
@@ -142,6 +143,16 @@ def test_shard_store_roundtrip_and_nan_check(tmp_path):
         load_pairs(tmp_path / "empty")
 
 
+def test_empty_prompt_share_is_seeded_and_keeps_the_cycle():
+    source = ["a red circle", "a square", "a small blue cross"]
+    assert cycle_with_empty_prompts(source, 7, 0.0, seed=0) == [source[i % 3] for i in range(7)]
+    prompts = cycle_with_empty_prompts(source, 2000, 0.25, seed=3)
+    assert prompts == cycle_with_empty_prompts(source, 2000, 0.25, seed=3)  # every process draws the same
+    assert prompts != cycle_with_empty_prompts(source, 2000, 0.25, seed=4)
+    assert 0.21 < prompts.count("") / len(prompts) < 0.29
+    assert all(prompt in ("", source[i % 3]) for i, prompt in enumerate(prompts))  # the rest stay in place
+
+
 def test_bad_flags_are_rejected(tmp_path):
     train = script_module("train_rectified_flow")
     base = ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--pretrained_model_name_or_path", "x"]
@@ -164,6 +175,8 @@ def test_bad_flags_are_rejected(tmp_path):
         generate.parse_args([*base, "--num_pairs", "4", "--prompts_file", str(tmp_path / "none.txt")])
     with pytest.raises(ValueError, match="exactly one of `--prompts_file`"):  # no default source
         generate.parse_args([*base, "--num_pairs", "4"])
+    with pytest.raises(ValueError, match="--empty_prompt_prob"):
+        generate.parse_args([*base, "--num_pairs", "4", "--shapesworld_prompts", "4", "--empty_prompt_prob", "1.5"])
     (tmp_path / PAIRS_CONFIG_FILE).write_text(json.dumps({"seed": 0, "num_pairs": 4}))
     with pytest.raises(ValueError, match="other settings"):
         check_pairs_config(tmp_path, {"seed": 1, "num_pairs": 4})

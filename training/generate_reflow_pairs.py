@@ -5,7 +5,8 @@ The teacher is any checkpoint `FastPipeline` loads: a Stable Diffusion pipeline 
 embedded ShapesWorld model, or a trained 2-Rectified Flow folder (pairs for one-step distillation). Sample i starts
 from noise drawn by a generator seeded with (seed, i), and shards of `--shard_size` consecutive samples are dealt
 round-robin to the processes, so the pairs are the same whatever the number of processes; complete shards are
-skipped, so an interrupted run resumes shard by shard. Prompts are cycled over the pairs.
+skipped, so an interrupted run resumes shard by shard. Prompts are cycled over the pairs, a random
+`--empty_prompt_prob` share of them emptied (the prompts' hash, recorded with the pairs, covers the draw).
 
     accelerate launch training/generate_reflow_pairs.py --pretrained_model_name_or_path shapes-teacher \\
         --output_dir runs/pairs-teacher --num_pairs 100000 --shapesworld_prompts 100000 \\
@@ -30,7 +31,13 @@ from tqdm.auto import tqdm
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
 from fastgen_diffusers.training import arguments, run
-from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
+from fastgen_diffusers.training.prompts import (
+    add_prompt_args,
+    check_prompt_args,
+    cycle_with_empty_prompts,
+    describe_prompt_source,
+    load_prompts,
+)
 from fastgen_diffusers.training.reflow import (
     PAIRS_CONFIG_FILE,
     check_pairs_config,
@@ -79,10 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--batch_size", type=int, default=32, help="Teacher batch size per process.")
     group.add_argument("--seed", type=int, default=0, help="Sample i's noise comes from a generator seeded (seed, i).")
     add_prompt_args(parser)
+    parser.add_argument(
+        "--empty_prompt_prob",
+        type=float,
+        default=0.0,
+        help="Share of pairs drawn from the empty prompt: the unconditional part of the teacher's training "
+        "distribution (its caption dropout), which one-step students also meet.",
+    )
     args = parser.parse_args(argv)
 
     arguments.check_shared_flags(args)
     check_prompt_args(args)
+    if not 0.0 <= args.empty_prompt_prob <= 1.0:
+        raise ValueError(f"`--empty_prompt_prob` must lie in [0, 1], got {args.empty_prompt_prob}.")
     return args
 
 
@@ -125,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     noise_shape = (pipe.unet.config.in_channels, latent_size, latent_size)
 
     # 3. Prompts, and the record of everything that decides a pair's content: a resumed run must match it.
-    source_prompts = load_prompts(args)
-    prompts = [source_prompts[i % len(source_prompts)] for i in range(args.num_pairs)]
+    prompts = cycle_with_empty_prompts(load_prompts(args), args.num_pairs, args.empty_prompt_prob, args.seed)
     config = {
         "teacher": args.pretrained_model_name_or_path,
         "pipeline": type(pipe).__name__,

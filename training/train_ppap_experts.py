@@ -26,7 +26,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -43,7 +42,13 @@ from fastgen_diffusers.pipelines.core import FastDiffusionPipeline
 from fastgen_diffusers.training.arguments import add_common_training_args, check_common_training_args
 from fastgen_diffusers.training.checkpointing import checkpoint_step, resolve_resume_path, save_checkpoint
 from fastgen_diffusers.training.hub import push_to_hub_or_exit, save_model_card
-from fastgen_diffusers.training.prompts import add_prompt_args, check_prompt_args, describe_prompt_source, load_prompts
+from fastgen_diffusers.training.prompts import (
+    add_prompt_args,
+    check_prompt_args,
+    cycle_with_empty_prompts,
+    describe_prompt_source,
+    load_prompts,
+)
 from fastgen_diffusers.utils.safe_loading import check_weight_files
 from fastgen_diffusers.training.run import (
     fingerprints,
@@ -100,9 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def generation_prompts(args: argparse.Namespace) -> list[str]:
     """One prompt per generated image: the source's prompts in turn, a random `--empty_prompt_prob` share emptied."""
-    source = load_prompts(args)
-    empty = np.random.default_rng(args.seed).random(args.num_generated) < args.empty_prompt_prob
-    return ["" if empty[i] else source[i % len(source)] for i in range(args.num_generated)]
+    return cycle_with_empty_prompts(load_prompts(args), args.num_generated, args.empty_prompt_prob, args.seed)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE_FLAGS = ("prompts_file", "dataset_name", "shapesworld_prompts")
@@ -104,6 +105,16 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         partial_caption_prob=args.shapesworld_partial_caption_prob,
     )
     return list(rows.with_format(None)["caption"])  # the plain column: no image is drawn
+
+
+def cycle_with_empty_prompts(source: list[str], count: int, empty_prob: float, seed: int) -> list[str]:
+    """`count` prompts: the source's in turn, a random `empty_prob` share of them emptied.
+
+    The empty share stands for the unconditional part of a text-to-image model's training distribution (its caption
+    dropout), which a prompts file cannot hold. The draw depends on `seed` alone, so every process agrees on it.
+    """
+    empty = np.random.default_rng(seed).random(count) < empty_prob
+    return ["" if empty[i] else source[i % len(source)] for i in range(count)]
 
 
 def default_validation_prompts(args: argparse.Namespace, prompts: list[str], count: int) -> list[str]:
