@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
+from fastgen_diffusers import assets
 from fastgen_diffusers.guidance import PPAPGuidance
 from fastgen_diffusers.guidance.conversions import (
     expert_index,
@@ -251,7 +252,9 @@ def test_shipped_asset_loads_with_adapters_only():
     for name, task in (("classifier", "classification"), ("classifier-single-expert", "classification"),
                        ("regressor", "regression")):  # fmt: skip
         guidance = PPAPGuidance.from_pretrained("shapes-ppap", subfolder=name)
-        assert guidance.task == task and guidance.default_grad_rms == 1.0
+        stored = json.loads((assets.path("shapes-ppap") / name / "ppap_config.json").read_text())
+        assert guidance.task == task and stored["default_scale"] > 0
+        assert (guidance.default_scale, guidance.default_grad_rms) == (stored["default_scale"], stored["default_grad_rms"])
         counts = guidance.parameter_counts()
         assert counts["per_expert"] < 0.1 * counts["guide"]
         with torch.no_grad():
