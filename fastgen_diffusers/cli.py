@@ -55,6 +55,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help=f"An embedded model ({', '.join(assets.pipeline_names())}), a local folder or a Hub id.",
     )
     parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
+    parser.add_argument(
+        "--sigmas",
+        type=_finite_float,
+        nargs="+",
+        default=None,
+        help="A custom grid of noise levels, strictly decreasing in (0, 1] with 1 pure noise (e.g. 1 0.9 0.75 0.5), "
+        "for models whose scheduler takes one (the rectified-flow models); replaces --steps.",
+    )
     parser.add_argument("--guidance-scale", type=_finite_float, default=None, help="CFG scale (default: the model's).")
     parser.add_argument(
         "--negative-scale",
@@ -246,8 +254,12 @@ def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
     """Steps and guidance from the command line, else from the checkpoint's fastgen.json, else the pipeline's."""
     defaults = metadata.get("default_inference", {})
+    if args.sigmas is not None:
+        grid = {"sigmas": args.sigmas}
+    else:
+        grid = {"num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps")}
     return {
-        "num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps"),
+        **grid,
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale"),
         "negative_attention": negative_attention_settings(args),
     }
@@ -262,6 +274,7 @@ def negative_attention_settings(args: argparse.Namespace) -> dict[str, Any] | No
 # Pipeline call argument -> the flag that sets it.
 CALL_ARGUMENT_FLAGS = {
     "num_inference_steps": "--steps",
+    "sigmas": "--sigmas",
     "guidance_scale": "--guidance-scale",
     "negative_attention": "--negative-scale/--negative-method",
     "negative_prompt": "--negative-prompt",
@@ -294,6 +307,9 @@ def check_call_arguments(pipe, settings: dict[str, Any], parser: argparse.Argume
     for name, value in settings.items():
         if value is not None and name not in accepted:
             parser.error(f"{CALL_ARGUMENT_FLAGS[name]}: {type(pipe).__name__} takes no `{name}`.")
+    scheduler = getattr(getattr(pipe, "base_pipeline", None) or pipe, "scheduler", None)
+    if settings.get("sigmas") is not None and "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        parser.error(f"--sigmas: {type(scheduler).__name__} takes no custom grid of noise levels; give --steps.")
     guidance = settings.get("guidance_scale")
     if settings.get("negative_attention") is not None and guidance is not None and guidance > 1:
         parser.error(
@@ -459,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in vars(args).items():
         if isinstance(value, list) and not value:  # `--flag=--`: argparse (3.11) drops the "--" and skips `type`
             parser.error(f"argument --{name.replace('_', '-')}: expected a value, got '--'")
+    if args.sigmas is not None and args.steps is not None:
+        parser.error("Give --steps or --sigmas, not both: a grid of noise levels sets the number of steps.")
     # A command prints its result, not the loading bars of every component.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

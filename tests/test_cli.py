@@ -42,6 +42,9 @@ def test_generate_image_does_not_depend_on_batch_size(tiny_sd_path, tmp_path):
         (["generate", "--model", "M", "--prompt", "x", "--steps", "-2", "--out", "o"], "--steps"),
         (["generate", "--model", "M", "--prompt", "x", "--out", "FILE"], "--out"),
         (["eval", "--model", "M", "--n", "0"], "--n"),
+        (["eval", "--model", "M", "--steps", "2", "--sigmas", "1", "0.5"], "--sigmas"),
+        (["generate", "--model", "M", "--prompt", "x", "--sigmas", "1", "0.5", "--out", "o"], "--sigmas"),  # DDIM
+        (["generate", "--model", "shapes-2rf", "--prompt", "x", "--sigmas", "0.5", "1", "--out", "o"], "--sigmas"),
     ],
 )
 def test_bad_input_names_the_argument(argv, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
@@ -66,3 +69,20 @@ def test_eval_prints_json_with_every_metric(capsys):
     for key in ("shapes_fd", "brightness_error", "images_per_second"):
         assert np.isfinite(result[key])
     assert all(0.0 <= v <= 1.0 for v in result["adherence"].values())
+
+
+def test_sigmas_set_the_sampling_grid(tmp_path):
+    """`--sigmas 1 0.5` on a rectified-flow model is its uniform 2-step grid: the same images as `--steps 2`."""
+    images = {}
+    for name, grid in {"steps": ["--steps", "2"], "sigmas": ["--sigmas", "1", "0.5"]}.items():
+        out = tmp_path / name
+        main(["generate", "--model", "shapes-2rf", "--prompt", "a red circle", "--num-images", "2", *grid,
+              "--out", str(out)])  # fmt: skip
+        images[name] = [np.asarray(Image.open(out / f"{i:05d}.png"), dtype=np.int16) for i in range(2)]
+    for a, b in zip(images["steps"], images["sigmas"]):
+        assert np.abs(a - b).max() <= 1
+    out = tmp_path / "front-loaded"
+    main(["generate", "--model", "shapes-2rf", "--prompt", "a red circle", "--num-images", "2",
+          "--sigmas", "1", "0.9", "--out", str(out)])  # fmt: skip
+    other = [np.asarray(Image.open(out / f"{i:05d}.png"), dtype=np.int16) for i in range(2)]
+    assert max(np.abs(a - b).max() for a, b in zip(images["steps"], other)) > 1  # another grid, other images
