@@ -254,8 +254,9 @@ def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
     """Steps and guidance from the command line, else from the checkpoint's fastgen.json, else the pipeline's."""
     defaults = metadata.get("default_inference", {})
-    if args.sigmas is not None:
-        grid = {"sigmas": args.sigmas}
+    sigmas = getattr(args, "sigmas", None)  # a namespace from before the flag has none
+    if sigmas is not None:
+        grid = {"sigmas": sigmas}
     else:
         grid = {"num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps")}
     return {
