@@ -29,7 +29,9 @@ def choose_scales(records: list[dict], task: str, tolerance: float = 0.03) -> di
     The unguided baseline is taken from the first record that has it; each record's method scale is its
     `method_scales` entry, else its global `scale`.
     """
-    baselines = [record["tasks"][task][NO_GUIDANCE] for record in records if NO_GUIDANCE in record["tasks"].get(task, {})]
+    baselines = [
+        record["tasks"][task][NO_GUIDANCE] for record in records if NO_GUIDANCE in record["tasks"].get(task, {})
+    ]
     if not baselines:
         raise ValueError(f"No sweep holds a {NO_GUIDANCE!r} row for task {task!r}; run one without `--methods`.")
     baseline = baselines[0]
@@ -39,7 +41,9 @@ def choose_scales(records: list[dict], task: str, tolerance: float = 0.03) -> di
             if method == NO_GUIDANCE:
                 continue
             scale = record.get("method_scales", {}).get(method, record["scale"])
-            tried.setdefault(method, []).append((scale, row["target_rate"], keeps_attributes(row, baseline, tolerance)))
+            tried.setdefault(method, []).append(
+                (scale, row["target_rate"], keeps_attributes(row, baseline, tolerance))
+            )
     chosen = {}
     for method, rows in tried.items():
         allowed = [(rate, scale) for scale, rate, ok in rows if ok]
@@ -49,7 +53,9 @@ def choose_scales(records: list[dict], task: str, tolerance: float = 0.03) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweeps", type=Path, nargs="+", help="`bench_ppap.py` JSON records (one scale per method each).")
+    parser.add_argument(
+        "sweeps", type=Path, nargs="+", help="`bench_ppap.py` JSON records (one scale per method each)."
+    )
     parser.add_argument("--task", choices=["classification", "regression"], required=True)
     parser.add_argument("--tolerance", type=float, default=0.03, help="Largest allowed drop of a stated attribute.")
     args = parser.parse_args()

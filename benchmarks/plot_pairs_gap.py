@@ -80,14 +80,14 @@ def plot(rows: list[dict], teacher: dict, path: Path, title: str, x_axis: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [max(row["x"], 1) for row in rows]  # 0 sits at 1 on the log axis
+    xs = [max(row["x"], 1) for row in rows]  # 0 sits at 1 on the log axis
     x_label = f"{X_AXES[x_axis]} (0 drawn at 1)"
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(pairs, [row["stated"] for row in rows], "o-", label="2-RF (4 steps)")
+    left.plot(xs, [row["stated"] for row in rows], "o-", label="2-RF (4 steps)")
     left.axhline(teacher["adherence"]["all"], color="k", linestyle="--", label="teacher")
     left.axhline(0.95 * teacher["adherence"]["all"], color="grey", linestyle=":", label="goal: 0.95x teacher")
     left.set(xscale="log", xlabel=x_label, ylabel="stated attributes right")
-    right.plot(pairs, [row["open_tv"] for row in rows], "o-", label="2-RF (4 steps)")
+    right.plot(xs, [row["open_tv"] for row in rows], "o-", label="2-RF (4 steps)")
     right.axhline(teacher["open_tv"]["mean"], color="k", linestyle="--", label="teacher")
     right.axhline(teacher["open_tv"]["mean"] + 0.03, color="grey", linestyle=":", label="goal: teacher + 0.03")
     right.set(xscale="log", xlabel=x_label, ylabel="open-attribute TV (lower is better)")

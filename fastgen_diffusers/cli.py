@@ -54,8 +54,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help=f"An embedded model ({', '.join(assets.pipeline_names())}), a local folder or a Hub id.",
     )
-    parser.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
-    parser.add_argument(
+    grid = parser.add_mutually_exclusive_group()  # a grid of noise levels sets the number of steps
+    grid.add_argument("--steps", type=_positive_int, default=None, help="Inference steps (default: the model's).")
+    grid.add_argument(
         "--sigmas",
         type=_finite_float,
         nargs="+",
@@ -254,9 +255,8 @@ def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
     """Steps and guidance from the command line, else from the checkpoint's fastgen.json, else the pipeline's."""
     defaults = metadata.get("default_inference", {})
-    sigmas = getattr(args, "sigmas", None)  # a namespace from before the flag has none
-    if sigmas is not None:
-        grid = {"sigmas": sigmas}
+    if args.sigmas is not None:
+        grid = {"sigmas": args.sigmas}
     else:
         grid = {"num_inference_steps": args.steps if args.steps is not None else defaults.get("num_inference_steps")}
     return {
@@ -476,8 +476,6 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in vars(args).items():
         if isinstance(value, list) and not value:  # `--flag=--`: argparse (3.11) drops the "--" and skips `type`
             parser.error(f"argument --{name.replace('_', '-')}: expected a value, got '--'")
-    if args.sigmas is not None and args.steps is not None:
-        parser.error("Give --steps or --sigmas, not both: a grid of noise levels sets the number of steps.")
     # A command prints its result, not the loading bars of every component.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastgen_diffusers import FastPipeline, InstaFlowPipeline, OneStepPipeline, assets
-from fastgen_diffusers.cli import sampling_kwargs
+from fastgen_diffusers.cli import build_parser, sampling_kwargs
 from fastgen_diffusers.pipelines.auto import read_fastgen_metadata
 from fastgen_diffusers.shapes.judge import ShapesJudge
 
@@ -20,7 +20,7 @@ BACKGROUNDS = ["black", "dark gray", "gray", "light gray"] * 2
 
 
 def default_settings(name: str) -> dict:
-    no_overrides = type("Args", (), {"steps": None, "guidance_scale": None, "negative_scale": None, "negative_method": None})()
+    no_overrides = build_parser().parse_args(["eval", "--model", name])  # every flag at its default
     settings = sampling_kwargs(no_overrides, read_fastgen_metadata(str(assets.path(name))))
     return {key: value for key, value in settings.items() if value is not None}
 
