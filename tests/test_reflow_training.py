@@ -1,6 +1,7 @@
 """InstaFlow training: the reflow maths, the pairs store, and the two scripts end to end under `accelerate launch`."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fastgen_diffusers.training.reflow import (
     load_pairs,
     one_step_sample,
     pseudo_huber_loss,
+    sample_noise_levels,
     shard_indices,
     shard_path,
     write_pair_shard,
@@ -153,6 +155,27 @@ def test_empty_prompt_share_is_seeded_and_keeps_the_cycle():
     assert all(prompt in ("", source[i % 3]) for i, prompt in enumerate(prompts))  # the rest stay in place
 
 
+def test_noise_level_samplers_follow_their_densities():
+    torch.manual_seed(0)
+    n = 200_000
+    uniform = sample_noise_levels("uniform", n)
+    assert 0 < uniform.min() and uniform.max() <= 1 and abs((uniform < 0.1).float().mean().item() - 0.1) < 0.005
+    # U-shaped, a = 4: P(sigma < 0.1) = (CDF_exp(0.1) + 1 - CDF_exp(0.9)) / 2 with CDF_exp(x) = expm1(4x) / expm1(4).
+    u_shaped = sample_noise_levels("u_shaped", n, u_shape_a=4.0)
+    cdf = lambda x: math.expm1(4 * x) / math.expm1(4)
+    expected_low = (cdf(0.1) + 1 - cdf(0.9)) / 2
+    assert 0 <= u_shaped.min() and u_shaped.max() <= 1
+    assert abs((u_shaped < 0.1).float().mean().item() - expected_low) < 0.005
+    assert abs((u_shaped > 0.9).float().mean().item() - expected_low) < 0.005  # symmetric
+    assert abs(((u_shaped > 0.4) & (u_shaped < 0.6)).float().mean().item() - (cdf(0.6) - cdf(0.4))) < 0.005
+    # logit-normal: a positive mean puts most of the training at high noise.
+    assert (sample_noise_levels("logit_normal", n, logit_mean=1.0) > 0.5).float().mean() > 0.8
+    with pytest.raises(ValueError, match="time_sampling"):
+        sample_noise_levels("cosine", 4)
+    with pytest.raises(ValueError, match="sharpness"):
+        sample_noise_levels("u_shaped", 4, u_shape_a=0.0)
+
+
 def test_bad_flags_are_rejected(tmp_path):
     train = script_module("train_rectified_flow")
     base = ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--pretrained_model_name_or_path", "x"]
@@ -164,6 +187,10 @@ def test_bad_flags_are_rejected(tmp_path):
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--nasa_scale", "-0.1"])
     with pytest.raises(SystemExit):  # argparse: "argument --loss: invalid choice"
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--loss", "l1"])
+    with pytest.raises(ValueError, match="--time_sampling"):
+        train.parse_args([*base, "--pairs_dir", str(tmp_path), "--distill", "--time_sampling", "u_shaped"])
+    with pytest.raises(ValueError, match="--u_shape_a"):
+        train.parse_args([*base, "--pairs_dir", str(tmp_path), "--time_sampling", "u_shaped", "--u_shape_a", "0"])
     assert train.parse_args([*base, "--pairs_dir", str(tmp_path), "--distill"]).num_inference_steps == 1
     assert train.parse_args([*base, "--pairs_dir", str(tmp_path)]).num_inference_steps == 4
 

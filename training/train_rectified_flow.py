@@ -2,7 +2,8 @@
 """InstaFlow training on reflow pairs: 2-Rectified Flow, or one-step distillation of it (`--distill`).
 
 2-Rectified Flow: from the teacher's UNet, learn the velocity of the straight line between each pair's noise x0 and
-the teacher's latent x1: min E ||(x1 - x0) - v(tau x1 + (1 - tau) x0, (1 - tau) 1000)||^2 with tau ~ U(0, 1).
+the teacher's latent x1: min E ||(x1 - x0) - v(tau x1 + (1 - tau) x0, (1 - tau) 1000)||^2 with tau ~ U(0, 1)
+(or `--time_sampling`: Lee et al.'s U-shaped or SD3's logit-normal noise levels).
 Straight lines that do not cross can be followed in a few Euler steps. The path, its velocity and the UNet time are
 those of `RectifiedFlowEulerScheduler`, the scheduler the model samples with.
 
@@ -66,6 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="'lpips' (decoded pixels) needs --distill and `lpips`.",
     )
     group.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default 0.00054 sqrt(dims)).")
+    group.add_argument(
+        "--time_sampling",
+        type=str,
+        default="uniform",
+        choices=reflow.TIME_SAMPLINGS,
+        help="How 2-RF draws its training noise levels: uniform (InstaFlow), u_shaped (Lee et al.: both ends of the"
+        " path), logit_normal (SD3; --logit_mean > 0 favours high noise).",
+    )
+    group.add_argument("--u_shape_a", type=float, default=4.0, help="Sharpness of the U-shaped distribution.")
+    group.add_argument("--logit_mean", type=float, default=0.0)
+    group.add_argument("--logit_std", type=float, default=1.0)
     group = parser.add_argument_group("optimisation")
     group.add_argument("--learning_rate", type=float, default=1e-4)
     group.add_argument("--lr_warmup_steps", type=int, default=0)
@@ -82,7 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arguments.check_common_training_args(args)
     if args.loss == "lpips" and not args.distill:
         raise ValueError("`--loss lpips` compares the one-step student's decoded images; use it with `--distill`.")
-    arguments.check_positive(args, "huber_c", "lora_rank", "num_inference_steps", "max_pairs")
+    arguments.check_positive(
+        args, "huber_c", "lora_rank", "num_inference_steps", "max_pairs", "u_shape_a", "logit_std"
+    )
+    if args.distill and args.time_sampling != "uniform":
+        raise ValueError(
+            "`--time_sampling` chooses 2-RF's training noise levels; `--distill` trains at pure noise only."
+        )
     arguments.check_non_negative(args, "nasa_scale")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must lie in [0, 1), got {args.ema_decay}.")
@@ -251,8 +269,10 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     loss = reflow.latent_loss(args.loss, prediction, latents, args.huber_c).mean()
             else:
-                tau = torch.rand(batch_size, device=noise.device)
-                timesteps = (1.0 - tau) * num_train_timesteps
+                sigma = reflow.sample_noise_levels(
+                    args.time_sampling, batch_size, noise.device, args.u_shape_a, args.logit_mean, args.logit_std
+                )
+                timesteps = sigma * num_train_timesteps
                 noisy = scheduler.scale_noise(latents, timesteps, noise)
                 velocity = unet(noisy, timesteps, prompt_embeds, return_dict=False)[0].float()
                 target = scheduler.get_velocity(latents, noise)

@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from transformers import PreTrainedTokenizerBase
 
 from ..utils.safe_loading import check_parquet
@@ -31,6 +32,7 @@ PAIRS_CONFIG_FILE = "reflow_pairs.json"  # everything that decides a pair's cont
 SHARD_NAME = "shard-{:05d}.parquet"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.parquet$")
 LOSSES = ("l2", "pseudo_huber", "lpips")
+TIME_SAMPLINGS = ("uniform", "u_shaped", "logit_normal")
 
 
 # ----------------------------------------------------------------------------- the one-step student
@@ -39,6 +41,49 @@ LOSSES = ("l2", "pseudo_huber", "lpips")
 def one_step_sample(noise: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """x1_hat = x0 + v(x0, 1000): one Euler step over the whole path, what the distilled student returns."""
     return noise + velocity
+
+
+# ----------------------------------------------------------------------------- training times
+
+
+def u_shaped_noise_levels(batch_size: int, a: float = 4.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise levels sigma in (0, 1) with density proportional to exp(a sigma) + exp(a (1 - sigma)).
+
+    The U-shaped distribution of Lee et al., "Improving the Training of Rectified Flows" (2405.20320): after one
+    reflow the straight-line targets are hardest to fit at both ends of the path, near pure noise (where the
+    image's layout and its open attributes are decided) and near the data, so training time goes there. Drawn
+    by inverting the CDF of exp(a sigma) on [0, 1], then mirrored for half the batch.
+    """
+    if a <= 0:
+        raise ValueError(f"`a` (the U-shape's sharpness) must be positive, got {a}.")
+    u = torch.rand(batch_size, device=device)
+    sigma = torch.log1p(u * math.expm1(a)) / a
+    mirrored = torch.rand(batch_size, device=device) < 0.5
+    return torch.where(mirrored, 1.0 - sigma, sigma)
+
+
+def sample_noise_levels(
+    name: str,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    u_shape_a: float = 4.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """The training noise levels sigma (1 = pure noise) of the 2-RF loss, one per sample.
+
+    "uniform" is InstaFlow's; "u_shaped" is Lee et al.'s; "logit_normal" is SD3's (Diffusers'
+    `compute_density_for_timestep_sampling`), where a positive `logit_mean` favours high noise.
+    """
+    if name == "uniform":
+        return 1.0 - torch.rand(batch_size, device=device)  # tau = 1 - sigma ~ U(0, 1), as the shipped models drew it
+    if name == "u_shaped":
+        return u_shaped_noise_levels(batch_size, u_shape_a, device)
+    if name == "logit_normal":
+        return compute_density_for_timestep_sampling(
+            "logit_normal", batch_size, logit_mean=logit_mean, logit_std=logit_std, device=device
+        )
+    raise ValueError(f"`time_sampling` must be one of {TIME_SAMPLINGS}, got {name!r}.")
 
 
 # ----------------------------------------------------------------------------- losses
