@@ -385,6 +385,21 @@ def test_scheduler_grid_and_config_round_trip(tmp_path):
         RectifiedFlowEulerScheduler(velocity_direction="forward")
 
 
+def test_shift_front_loads_the_uniform_grid_and_only_it(tmp_path):
+    RectifiedFlowEulerScheduler(shift=3.0).save_pretrained(tmp_path)
+    shifted = RectifiedFlowEulerScheduler.from_pretrained(tmp_path)
+    assert shifted.config.shift == 3.0 and shifted.timesteps.tolist() == [1000.0]  # one step: pure noise at any shift
+    shifted.set_timesteps(4)
+    torch.testing.assert_close(shifted.sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))  # 3s / (1 + 2s)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Diffusers' shift of the same uniform sigmas
+    reference.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(shifted.sigmas, reference.sigmas)
+    shifted.set_timesteps(sigmas=[1.0, 0.6])  # an explicit grid is used as given
+    assert shifted.sigmas.tolist() == pytest.approx([1.0, 0.6, 0.0])
+    with pytest.raises(ValueError, match="`shift`"):
+        RectifiedFlowEulerScheduler(shift=0.0)
+
+
 def test_velocity_conventions_give_the_same_trajectory():
     """InstaFlow (v = data - noise), SD3 and PeRFlow (v = noise - data) sample one flow when the sign is configured."""
 
