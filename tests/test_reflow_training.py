@@ -189,6 +189,8 @@ def test_bad_flags_are_rejected(tmp_path):
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--loss", "l1"])
     with pytest.raises(ValueError, match="--time_sampling"):
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--distill", "--time_sampling", "u_shaped"])
+    with pytest.raises(ValueError, match="--shift"):
+        train.parse_args([*base, "--pairs_dir", str(tmp_path), "--shift", "-1"])
     with pytest.raises(ValueError, match="--u_shape_a"):
         train.parse_args([*base, "--pairs_dir", str(tmp_path), "--time_sampling", "u_shaped", "--u_shape_a", "0"])
     assert train.parse_args([*base, "--pairs_dir", str(tmp_path), "--distill"]).num_inference_steps == 1
@@ -257,10 +259,12 @@ def test_interrupted_shard_is_redone(launch, tiny_sd_path, teacher_pairs, tmp_pa
 
 @pytest.fixture(scope="module")
 def two_rf(launch, tiny_sd_path, teacher_pairs, tmp_path_factory):
-    """2-RF for 4 steps on two processes (2 batches an epoch, so the run crosses an epoch), checkpoints every 2."""
+    """2-RF for 4 steps on two processes (2 batches an epoch, so the run crosses an epoch), checkpoints every 2;
+    U-shaped noise levels, and a shifted grid saved as the model's default."""
     out = tmp_path_factory.mktemp("two-rf") / "run"
     args = ["--pretrained_model_name_or_path", str(tiny_sd_path), "--pairs_dir", str(teacher_pairs), "--output_dir",
-            str(out), "--max_train_steps", "4", "--checkpointing_steps", "2", *TRAIN_ARGS]  # fmt: skip
+            str(out), "--max_train_steps", "4", "--checkpointing_steps", "2", "--time_sampling", "u_shaped",
+            "--shift", "3", *TRAIN_ARGS]  # fmt: skip
     launch("train_rectified_flow.py", *args, num_processes=2)
     return out, args
 
@@ -269,6 +273,8 @@ def test_two_rf_resumes_exactly_and_loads_as_instaflow(launch, tiny_sd_path, two
     out, args = two_rf
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     straight = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+    assert RectifiedFlowEulerScheduler.from_pretrained(out, subfolder="scheduler").config.shift == 3.0
 
     # The same run interrupted after checkpoint-2 and resumed gives the same weights: same data order, taus, EMA.
     resumed = tmp_path / "run"

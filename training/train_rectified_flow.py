@@ -88,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_inference_steps", type=int, default=None, help="Euler steps (default: 4; 1 with --distill)."
     )
     group.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale; 1 turns it off.")
+    group.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="The saved scheduler's shift of its uniform grid toward high noise (RectifiedFlowEulerScheduler); 1 keeps"
+        " InstaFlow's grid, 3 gives sigma = 1, 0.9, 0.75, 0.5 at 4 steps.",
+    )
     arguments.add_nasa_scale_arg(group)
     args = parser.parse_args(argv)
 
@@ -95,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.loss == "lpips" and not args.distill:
         raise ValueError("`--loss lpips` compares the one-step student's decoded images; use it with `--distill`.")
     arguments.check_positive(
-        args, "huber_c", "lora_rank", "num_inference_steps", "max_pairs", "u_shape_a", "logit_std"
+        args, "huber_c", "lora_rank", "num_inference_steps", "max_pairs", "u_shape_a", "logit_std", "shift"
     )
     if args.distill and args.time_sampling != "uniform":
         raise ValueError(
@@ -139,7 +146,7 @@ def usage_snippet(args: argparse.Namespace, prompt: str) -> str:
         return (
             "from fastgen_diffusers import InstaFlowPipeline, RectifiedFlowEulerScheduler\n\n"
             f"pipe = InstaFlowPipeline.from_pretrained({args.pretrained_model_name_or_path!r}, "
-            "scheduler=RectifiedFlowEulerScheduler())\n"
+            f"scheduler=RectifiedFlowEulerScheduler(shift={args.shift}))\n"
             f"pipe.load_lora_weights({location!r})\n"
             f"image = {call}.images[0]"
         )
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             f"without {missing}; give a Stable-Diffusion-family pipeline."
         )
     vae, text_encoder, unet = base.vae, base.text_encoder, base.unet
-    scheduler = RectifiedFlowEulerScheduler()
+    scheduler = RectifiedFlowEulerScheduler(shift=args.shift)
     num_train_timesteps = scheduler.config.num_train_timesteps
     vae.requires_grad_(False).to(accelerator.device)
     text_encoder.requires_grad_(False).to(accelerator.device)
