@@ -25,8 +25,7 @@ import numpy as np
 from PIL import Image
 
 from fastgen_diffusers import FastPipeline
-from fastgen_diffusers.cli import build_parser, sampling_kwargs
-from fastgen_diffusers.pipelines.auto import read_fastgen_metadata, resolve_model_location
+from fastgen_diffusers.cli import default_sampling_kwargs
 from fastgen_diffusers.shapes import evaluation_prompts, render, render_attributes
 from fastgen_diffusers.shapes.defects import defect_images
 from fastgen_diffusers.shapes.evaluate import generate_images
@@ -42,8 +41,7 @@ def load_with_defaults(model: str):
     """The pipeline and its default sampling settings (the model's fastgen.json)."""
     pipe = FastPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    no_overrides = build_parser().parse_args(["eval", "--model", model])  # every flag at its default
-    return pipe, sampling_kwargs(no_overrides, read_fastgen_metadata(resolve_model_location(model)))
+    return pipe, default_sampling_kwargs(model)
 
 
 def save_defects_figure(path: Path, seed: int) -> None:

@@ -25,7 +25,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from fastgen_diffusers import FastPipeline
-from fastgen_diffusers.training.reflow import complete_shards, shard_path
+from fastgen_diffusers.training.reflow import load_pairs
 
 
 def teacher_match_errors(
@@ -64,11 +64,7 @@ def summarize(errors: torch.Tensor, far: float) -> dict[str, float]:
 
 def load_shards(pairs_dir: str, shards: list[int], n: int) -> datasets.Dataset:
     """The first `n` pairs of the given complete shards, in shard order."""
-    missing = sorted(set(shards) - set(complete_shards(pairs_dir)))
-    if missing:
-        raise ValueError(f"`--pairs-dir` {pairs_dir!r} has no complete shard {missing}.")
-    files = [str(shard_path(pairs_dir, shard)) for shard in shards]
-    rows = datasets.load_dataset("parquet", data_files=files, split="train")
+    rows = load_pairs(pairs_dir, shards=shards)
     if len(rows) < n:
         raise ValueError(f"Shards {shards} hold {len(rows)} pairs, fewer than `--n` {n}.")
     return rows.select(range(n))

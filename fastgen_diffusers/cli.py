@@ -98,7 +98,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--guide-class", default=None, help="The class a PPAP classifier guides toward (needs --ppap)."
     )
     parser.add_argument(
-        "--guide-target", type=_finite_float, nargs="+", default=None, help="The values a PPAP regressor guides toward."
+        "--guide-target",
+        type=_finite_float,
+        nargs="+",
+        default=None,
+        help="The values a PPAP regressor guides toward.",
     )
     parser.add_argument("--ppap-scale", type=_non_negative_float, default=None, help="PPAP scale (default: stored).")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
@@ -264,6 +268,12 @@ def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.get("guidance_scale"),
         "negative_attention": negative_attention_settings(args),
     }
+
+
+def default_sampling_kwargs(model: str) -> dict[str, Any]:
+    """What `fastgen generate --model MODEL` samples with when no flag overrides it (the model's fastgen.json)."""
+    no_overrides = build_parser().parse_args(["eval", "--model", model])  # every flag at its default
+    return sampling_kwargs(no_overrides, read_fastgen_metadata(resolve_model_location(model)))
 
 
 def negative_attention_settings(args: argparse.Namespace) -> dict[str, Any] | None:

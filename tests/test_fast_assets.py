@@ -4,9 +4,8 @@ prompt from one seed at their default sampler, and the one-step ones take negati
 import pytest
 import torch
 
-from fastgen_diffusers import FastPipeline, InstaFlowPipeline, OneStepPipeline, assets
-from fastgen_diffusers.cli import build_parser, sampling_kwargs
-from fastgen_diffusers.pipelines.auto import read_fastgen_metadata
+from fastgen_diffusers import FastPipeline, InstaFlowPipeline, OneStepPipeline
+from fastgen_diffusers.cli import default_sampling_kwargs
 from fastgen_diffusers.shapes.judge import ShapesJudge
 
 FAST_MODELS = {
@@ -20,8 +19,7 @@ BACKGROUNDS = ["black", "dark gray", "gray", "light gray"] * 2
 
 
 def default_settings(name: str) -> dict:
-    no_overrides = build_parser().parse_args(["eval", "--model", name])  # every flag at its default
-    settings = sampling_kwargs(no_overrides, read_fastgen_metadata(str(assets.path(name))))
+    settings = default_sampling_kwargs(name)
     return {key: value for key, value in settings.items() if value is not None}
 
 

@@ -238,17 +238,24 @@ def write_pair_shard(
     return path
 
 
-def load_pairs(pairs_dir: str | Path, cache_dir: str | None = None) -> datasets.Dataset:
-    """Every complete shard, in index order, through `datasets` (columns index, prompt, noise, latent).
+def load_pairs(
+    pairs_dir: str | Path, cache_dir: str | None = None, shards: Sequence[int] | None = None
+) -> datasets.Dataset:
+    """Every complete shard (or only `shards`, in that order) through `datasets` (columns index, prompt, noise,
+    latent).
 
     `cache_dir` is `datasets`' cache for the Arrow copy (default: its own, `HF_DATASETS_CACHE`).
     """
     pairs_dir = Path(pairs_dir)
     if not pairs_dir.is_dir():
         raise ValueError(f"`pairs_dir` {str(pairs_dir)!r} is not a folder; write pairs with generate_reflow_pairs.py.")
-    shards = complete_shards(pairs_dir)
-    if not shards:
+    complete = complete_shards(pairs_dir)
+    if not complete:
         raise ValueError(f"`pairs_dir` {str(pairs_dir)!r} holds no complete shard ({SHARD_NAME.format(0)}, ...).")
+    missing = sorted(set(shards or ()) - set(complete))
+    if missing:
+        raise ValueError(f"`pairs_dir` {str(pairs_dir)!r} has no complete shard {missing}.")
+    shards = complete if shards is None else list(shards)
     files = [str(shard_path(pairs_dir, shard)) for shard in shards]
     for file in files:  # a damaged shard is named here, not deep inside datasets' Arrow conversion
         check_parquet(Path(file))
