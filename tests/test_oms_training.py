@@ -76,3 +76,22 @@ def test_bad_arguments_name_the_flag():
         train_oms.parse_args([*common, "--caption_dropout_prob", "1.5"])
     with pytest.raises(ValueError, match="--ema_decay"):
         train_oms.parse_args([*common, "--ema_decay", "1"])
+    with pytest.raises(ValueError, match="--first_attention_level"):
+        train_oms.parse_args([*common, "--first_attention_level", "3"])  # the default three levels: 0, 1 or 2
+
+
+def test_first_attention_level_leaves_the_finer_levels_plain():
+    train_oms = script_module("train_oms")
+    vae = AutoencoderKL(block_out_channels=(4, 4), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2, sample_size=32)
+    text_encoder = type("TextEncoder", (), {"config": type("Config", (), {"hidden_size": 8})()})()
+    common = ["--pretrained_model_name_or_path", "x", "--output_dir", "y", "--max_train_steps", "1",
+              "--block_out_channels", "4", "8", "8", "--norm_num_groups", "2", "--attention_head_dim", "2"]
+    for level, plain_down in ((0, 0), (1, 1), (2, 2)):
+        args = train_oms.parse_args([*common, "--first_attention_level", str(level)])
+        model = train_oms.make_oms_model(args, vae, text_encoder, resolution=32)
+        attends = [hasattr(block, "attentions") for block in model.down_blocks]
+        assert attends == [False] * plain_down + [True] * (3 - plain_down)
+        assert [hasattr(block, "attentions") for block in model.up_blocks] == attends[::-1]
+        out = model(torch.randn(2, 4, 16, 16), torch.randn(2, 5, 8), return_dict=False)[0]
+        assert out.shape == (2, 4, 16, 16)

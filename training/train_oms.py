@@ -69,6 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 64])
     group.add_argument("--layers_per_block", type=int, default=1)
     group.add_argument("--attention_head_dim", type=int, default=8)
+    group.add_argument(
+        "--first_attention_level",
+        type=int,
+        default=1,
+        help="Levels below this one have plain ResNet blocks, no attention. The module predicts an image's low"
+        " frequencies, and self-attention over every position of the full-resolution level was most of its cost:"
+        " 1 (the default) keeps attention and the text at the coarser levels; 0 puts them at every level.",
+    )
     group.add_argument("--norm_num_groups", type=int, default=8)
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -98,6 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--partial_caption_prob` must lie in [0, 1], got {args.partial_caption_prob}.")
     if not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must lie in (0, 1), got {args.ema_decay}.")
+    if not 0 <= args.first_attention_level < len(args.block_out_channels):
+        raise ValueError(
+            f"`--first_attention_level` must lie in [0, {len(args.block_out_channels) - 1}] (one of the"
+            f" {len(args.block_out_channels)} levels of `--block_out_channels`), got {args.first_attention_level}."
+        )
     if args.train_data_dir is not None and args.dataset_name != SHAPESWORLD:
         raise ValueError("Pass `--dataset_name` or `--train_data_dir`, not both.")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
@@ -155,18 +168,26 @@ def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, dropout: flo
 def make_oms_model(args: argparse.Namespace, vae: AutoencoderKL, text_encoder: CLIPTextModel, resolution: int) -> OMSModel:
     """A cross-attention UNet in the base's latent space, reading the base's text embeddings."""
     depth = len(args.block_out_channels)
+    plain = args.first_attention_level
     return OMSModel(
         sample_size=resolution // 2 ** (len(vae.config.block_out_channels) - 1),
         in_channels=vae.config.latent_channels,
         out_channels=vae.config.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * depth,
-        up_block_types=("CrossAttnUpBlock2D",) * depth,
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (depth - plain),
+        up_block_types=("CrossAttnUpBlock2D",) * (depth - plain) + ("UpBlock2D",) * plain,
         block_out_channels=tuple(args.block_out_channels),
         layers_per_block=args.layers_per_block,
         cross_attention_dim=text_encoder.config.hidden_size,
         attention_head_dim=args.attention_head_dim,
         norm_num_groups=args.norm_num_groups,
     )
+
+
+def attention_levels_text(first_attention_level: int, depth: int) -> str:
+    """The model card's words for where the module attends."""
+    if first_attention_level == 0:
+        return "self- and cross-attention at every level"
+    return f"self- and cross-attention from level {first_attention_level} of {depth} (plain ResNet blocks above)"
 
 
 def scaled_latents(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -292,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                 "base": args.pretrained_model_name_or_path,
                 "parameters": f"{sum(p.numel() for p in raw.parameters()):,}",
                 "architecture": f"block_out_channels {tuple(args.block_out_channels)}, "
-                f"layers_per_block {args.layers_per_block}, cross-attention at every level",
+                f"layers_per_block {args.layers_per_block}, "
+                + attention_levels_text(args.first_attention_level, len(args.block_out_channels)),
                 "text_encoder": "stored in this folder" if args.save_text_encoder else "the base pipeline's (not stored)",
                 "data": args.train_data_dir or args.dataset_name,
                 "steps": str(args.max_train_steps),
