@@ -161,7 +161,7 @@ def spread(values: list[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def make_figures(oms: str, out_dir: Path, oms_guidance_scale: float) -> None:
+def make_figures(oms: str, out_dir: Path, oms_settings: dict[str, Any]) -> None:
     """Black and white prompts with and without OMS, and OMS-prompt control of the background, for both bases."""
     prompts = [p for p in evaluation_prompts(200, seed=0) if p.attributes.background in ("black", "white")][:8]
     control = evaluation_prompts(4, seed=0)
@@ -171,15 +171,13 @@ def make_figures(oms: str, out_dir: Path, oms_guidance_scale: float) -> None:
         pipe = load(model, oms)
         captions = [p.caption for p in prompts]
         rows += generate(pipe, captions, 0, 64, None, **settings, oms=False)
-        rows += generate(pipe, captions, 0, 64, None, **settings, oms_guidance_scale=oms_guidance_scale)
+        rows += generate(pipe, captions, 0, 64, None, **settings, **oms_settings)
         for p in control:
             base_prompt = background_free(p)
             control_rows += generate(pipe, [base_prompt], 0, 1, None, **settings, oms=False)
             for background in BACKGROUNDS:
                 named = make_caption(dataclasses.replace(p.attributes, background=background))
-                control_rows += generate(
-                    pipe, [base_prompt], 0, 1, [named], **settings, oms_guidance_scale=oms_guidance_scale
-                )
+                control_rows += generate(pipe, [base_prompt], 0, 1, [named], **settings, **oms_settings)
     save_image_grid(rows, out_dir / "oms_black_white.png", columns=len(prompts))
     save_image_grid(control_rows, out_dir / "oms_control.png", columns=1 + len(BACKGROUNDS))
     lines = ["black/white grid: rows = teacher without OMS, teacher with OMS, snoopi without, snoopi with; prompts:"]
@@ -201,6 +199,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oms", default="shapes-oms", help="The OMS module (embedded name or folder).")
     parser.add_argument("--oms-guidance-scale", type=float, default=1.0)
+    parser.add_argument("--oms-noise-mean", choices=["keep", "remove"], default=None,
+                        help="Keep or remove the base noise's spatial mean (default: the module's stored choice).")
     parser.add_argument("--n", type=int, default=1000, help="Evaluation prompts per quality row.")
     parser.add_argument("--control-n", type=int, default=500, help="Background-free prompts per control row.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds for shapes-snoopi's rows.")
@@ -230,6 +230,9 @@ def main() -> None:
     judge = ShapesJudge.from_pretrained()
     oms_settings = {"oms_guidance_scale": args.oms_guidance_scale}
     tag = f"{args.oms}|cfg{args.oms_guidance_scale}"
+    if args.oms_noise_mean is not None:
+        oms_settings["remove_noise_mean"] = args.oms_noise_mean == "remove"
+        tag += f"|noise-mean-{args.oms_noise_mean}"
     with_oms = "oms" in args.variants
     off = {"oms": False} if with_oms else {}  # the base alone (OMS off runs exactly the base)
     for model in args.bases if args.stages else []:  # no stages: only the table
@@ -257,7 +260,7 @@ def main() -> None:
     if "floor" in args.stages:
         cache.get(f"floor|{args.n}", lambda: vae_floor_row(args.n, 0))
     if "figures" in args.stages and with_oms:
-        make_figures(args.oms, args.figures_dir, args.oms_guidance_scale)
+        make_figures(args.oms, args.figures_dir, oms_settings)
     if not args.no_table:
         for other in [m for m in args.merge if m.is_file()]:
             cache.rows = {**json.loads(other.read_text()), **cache.rows}
@@ -274,7 +277,8 @@ def write_table(args, cache: Cache, tag: str) -> None:
     rows = cache.rows
     record: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
     lines = [
-        f"OMS module `{args.oms}` (OMS guidance {args.oms_guidance_scale}) in front of each base at its default"
+        f"OMS module `{args.oms}` (OMS guidance {args.oms_guidance_scale}, base noise mean:"
+        f" {args.oms_noise_mean or 'as the module stores'}) in front of each base at its default"
         " sampler (teacher: 25 DDIM steps, CFG 4; shapes-snoopi: one step). A range is min-max over seeds.",
         "",
         "| base | OMS | seeds x prompts | brightness error | all | shape | colour | size | position | background | shapes_fd |",

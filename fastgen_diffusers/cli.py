@@ -89,6 +89,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--oms-guidance-scale", type=_non_negative_float, default=None, help="CFG on the OMS module (needs --oms)."
     )
     parser.add_argument(
+        "--oms-noise-mean",
+        choices=("keep", "remove"),
+        default=None,
+        help="Keep the base noise's spatial mean (the original OMS) or remove it so that brightness and background"
+        " are the OMS module's alone (default: the module's stored choice; needs --oms).",
+    )
+    parser.add_argument(
         "--ppap",
         default=None,
         help="PPAP guidance (embedded shapes-ppap, or a folder): a saved PPAPGuidance, or a collection with "
@@ -185,8 +192,8 @@ def load_pipeline(model: str, parser: argparse.ArgumentParser, decoder: str | No
 def attach_oms(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser):
     """`pipe` itself, or with `--oms` an `OMSPipeline` running that module in front of it."""
     if args.oms is None:
-        if args.oms_prompt is not None or args.oms_guidance_scale is not None:
-            parser.error("--oms-prompt and --oms-guidance-scale need --oms.")
+        if args.oms_prompt is not None or args.oms_guidance_scale is not None or args.oms_noise_mean is not None:
+            parser.error("--oms-prompt, --oms-guidance-scale and --oms-noise-mean need --oms.")
         return pipe
     from .pipelines.oms import OMSPipeline
 
@@ -252,8 +259,12 @@ def ppap_kwargs(args: argparse.Namespace, pipe, parser: argparse.ArgumentParser)
 
 
 def oms_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`--oms-prompt` and `--oms-guidance-scale` (None: the module's stored default)."""
-    return {"oms_prompt": args.oms_prompt, "oms_guidance_scale": args.oms_guidance_scale} if args.oms else {}
+    """`--oms-prompt`, `--oms-guidance-scale` and `--oms-noise-mean` (None: the module's stored default)."""
+    if not args.oms:
+        return {}
+    remove_noise_mean = None if args.oms_noise_mean is None else args.oms_noise_mean == "remove"
+    return {"oms_prompt": args.oms_prompt, "oms_guidance_scale": args.oms_guidance_scale,
+            "remove_noise_mean": remove_noise_mean}
 
 
 def sampling_kwargs(args: argparse.Namespace, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +302,7 @@ CALL_ARGUMENT_FLAGS = {
     "negative_prompt": "--negative-prompt",
     "oms_prompt": "--oms-prompt",
     "oms_guidance_scale": "--oms-guidance-scale",
+    "remove_noise_mean": "--oms-noise-mean",
 }
 # Further arguments an error from a pipeline or a guide may name, and their flags.
 ARGUMENT_FLAGS = {

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastgen_diffusers import FastPipeline
 from fastgen_diffusers.models.oms import OMS_TIMESTEP, OMSModel
 from fastgen_diffusers.pipelines.instaflow import InstaFlowPipeline
-from fastgen_diffusers.pipelines.oms import OMSPipeline, first_latent, oms_generator
+from fastgen_diffusers.pipelines.oms import OMSPipeline, first_latent, oms_generator, remove_spatial_mean
 from fastgen_diffusers.pipelines.one_step import OneStepPipeline
 from fastgen_diffusers.schedulers import OneStepScheduler, RectifiedFlowEulerScheduler
 
@@ -141,6 +141,36 @@ def test_base_unet_first_reads_x_t_from_the_oms_prediction(tiny_sd_components, s
     assert 0.7 < oms_calls.inputs[0].std().item() < 1.3
 
 
+def test_remove_spatial_mean_centres_each_channel_and_keeps_unit_variance():
+    noise = torch.randn(4000, 2, 4, 4, generator=generator(1))
+    centred = remove_spatial_mean(noise)
+    assert centred.shape == noise.shape
+    assert centred.mean(dim=(-2, -1)).abs().max().item() < 1e-5
+    assert abs(centred.var().item() - 1.0) < 0.02  # the rescaling restores the variance the mean took away
+    with pytest.raises(ValueError, match="at least 2 latent positions"):
+        remove_spatial_mean(torch.randn(1, 4, 1, 1))
+
+
+@torch.no_grad()
+def test_noise_mean_removed_leaves_the_first_latent_mean_to_oms(tiny_sd_components):
+    """With `remove_noise_mean`, x_T = sqrt(a) x0 + sqrt(1 - a) z' where z' is z without its per-channel mean."""
+    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    base = sd_pipe(tiny_sd_components, scheduler)
+    pipe = oms_pipe(base)
+    oms_calls, unet_calls = Recorder(pipe.oms_model), Recorder(base.unet)
+    pipe(PROMPT, num_inference_steps=5, guidance_scale=1.0, remove_noise_mean=True, generator=generator(3),
+         output_type="latent")  # fmt: skip
+    alpha_bar = sd_alphas_cumprod()[801].item()
+    x0 = -oms_calls.outputs[0].double()
+    z = remove_spatial_mean(torch.randn(SHAPE, generator=generator(3)).double())
+    expected = alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * z
+    assert torch.allclose(unet_calls.inputs[0].double(), expected, atol=1e-4)
+    noise_part = unet_calls.inputs[0].double() - alpha_bar**0.5 * x0
+    assert noise_part.mean(dim=(-2, -1)).abs().max().item() < 1e-4
+    with pytest.raises(TypeError, match="remove_noise_mean"):
+        pipe(PROMPT, num_inference_steps=2, remove_noise_mean="yes")
+
+
 @torch.no_grad()
 def test_oms_off_equals_the_base_pipeline(tiny_sd_components):
     base = sd_pipe(tiny_sd_components)
@@ -234,6 +264,21 @@ def test_stored_default_guidance_is_used_and_saved(tiny_sd_components, tmp_path)
     np.testing.assert_allclose(loaded(PROMPT, generator=generator(), **kwargs).images, by_default, atol=1e-5)
 
 
+@torch.no_grad()
+def test_stored_noise_mean_choice_is_used_and_saved(tiny_sd_components, tmp_path):
+    base = sd_pipe(tiny_sd_components)
+    pipe = oms_pipe(base, default_remove_noise_mean=True)
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    by_default = pipe(PROMPT, generator=generator(), **kwargs).images
+    np.testing.assert_allclose(by_default, pipe(PROMPT, remove_noise_mean=True, generator=generator(), **kwargs).images)
+    assert not np.allclose(by_default, pipe(PROMPT, remove_noise_mean=False, generator=generator(), **kwargs).images)
+    pipe.save_pretrained(tmp_path)
+    loaded = OMSPipeline.from_pretrained(tmp_path, base_pipeline=base)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_remove_noise_mean is True
+    np.testing.assert_allclose(loaded(PROMPT, generator=generator(), **kwargs).images, by_default, atol=1e-5)
+
+
 @pytest.mark.parametrize("own_text_encoder", [False, True])
 @torch.no_grad()
 def test_save_and_load_round_trip(tiny_sd_components, tmp_path, own_text_encoder):
@@ -321,6 +366,15 @@ def test_shipped_module_serves_the_shapesworld_bases_and_reads_the_background():
     black, white = ((images.clamp(-1, 1) + 1) * 127.5)[:, :, 0, 0].mean(dim=1).tolist()  # corner pixel: background
     assert black < 40 and white > 215
 
+    # its stored defaults, and the OMS prompt steering a background the base prompt leaves open, one grey level apart
+    assert snoopi.config.default_remove_noise_mean is True and snoopi.config.default_oms_guidance_scale == 2.0
+    corners = {}
+    for level in ("dark gray", "light gray"):
+        images = snoopi(["a small red circle at the center"] * 8, oms_prompt=f"a small red circle at the center on a {level} background",
+                        generator=[generator(seed) for seed in range(8)], output_type="np").images  # fmt: skip
+        corners[level] = images[:, :3, :3].mean(axis=(1, 2, 3))
+    assert (corners["dark gray"] < corners["light gray"]).all()
+
 
 # --- the command line ----------------------------------------------------------------------------------------------
 
@@ -335,7 +389,14 @@ def test_cli_generate_with_oms_and_oms_prompt(tiny_sd_path, tmp_path, capsys):
           "--oms-guidance-scale", "2", "--prompt", "a red circle", "--steps", "2", "--num-images", "2", "--out", str(out)])  # fmt: skip
     records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["oms_prompt"] == "a white background" for r in records)
+    main(["generate", "--model", str(tiny_sd_path), "--oms", str(tmp_path / "oms"), "--oms-noise-mean", "remove",
+          "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "out-centred")])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "out-centred" / "index.jsonl").read_text().splitlines()]
+    assert records[0]["remove_noise_mean"] is True
 
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(tiny_sd_path), "--oms-prompt", "x", "--prompt", "x", "--out", str(out)])
+    assert "need --oms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_sd_path), "--oms-noise-mean", "keep", "--prompt", "x", "--out", str(out)])
     assert "need --oms" in capsys.readouterr().err

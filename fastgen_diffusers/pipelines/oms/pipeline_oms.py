@@ -91,6 +91,21 @@ def first_latent(
     return x_t / (torch.as_tensor(model_input_scale, dtype=torch.float32) * float(init_noise_sigma))
 
 
+def remove_spatial_mean(noise: torch.Tensor) -> torch.Tensor:
+    """`noise` without each channel's spatial mean, rescaled so that every entry keeps unit variance.
+
+    The mean over the image is a latent's lowest frequency: its overall brightness and colour. In x_T the base's
+    noise carries a random mean of its own (standard deviation 1 / sqrt(height x width)) beside the OMS prediction's
+    sqrt(alpha_bar) x0, and on SD's schedule the two are of the same size, so the noise overrules what OMS sets
+    about as often as not. Without it, the first latent's mean is the OMS prediction's alone.
+    """
+    count = noise.shape[-2] * noise.shape[-1]
+    if count < 2:
+        raise ValueError(f"Removing the spatial mean needs at least 2 latent positions, got shape {tuple(noise.shape)}.")
+    centred = noise - noise.mean(dim=(-2, -1), keepdim=True)
+    return centred * (count / (count - 1)) ** 0.5
+
+
 def oms_generator(generator: torch.Generator | None) -> torch.Generator:
     """A generator for OMS's own noise, derived from `generator`'s current state without drawing from it.
 
@@ -152,6 +167,7 @@ class OMSPipeline(DiffusionPipeline):
         latent_channels: int | None = None,
         vae_scaling_factor: float | None = None,
         default_oms_guidance_scale: float = 1.0,
+        default_remove_noise_mean: bool = False,
     ):
         super().__init__()
         if (oms_text_encoder is None) != (oms_tokenizer is None):
@@ -161,6 +177,7 @@ class OMSPipeline(DiffusionPipeline):
             latent_channels=latent_channels if latent_channels is not None else oms_model.config.in_channels,
             vae_scaling_factor=vae_scaling_factor,
             default_oms_guidance_scale=default_oms_guidance_scale,
+            default_remove_noise_mean=default_remove_noise_mean,
         )
         self.base_pipeline = None
         if base_pipeline is not None:
@@ -345,6 +362,7 @@ class OMSPipeline(DiffusionPipeline):
         oms_prompt: str | list[str] | None = None,
         oms_negative_prompt: str | list[str] | None = None,
         oms_guidance_scale: float | None = None,
+        remove_noise_mean: bool | None = None,
         oms: bool = True,
         num_inference_steps: int | None = None,
         num_images_per_prompt: int = 1,
@@ -370,6 +388,10 @@ class OMSPipeline(DiffusionPipeline):
                 The unconditional branch of the module's guidance (default ""); used when `oms_guidance_scale` != 1.
             oms_guidance_scale (`float`, *optional*, defaults to `self.config.default_oms_guidance_scale`):
                 Classifier-free guidance on the module's output; at 1 the unconditional pass is skipped.
+            remove_noise_mean (`bool`, *optional*, defaults to `self.config.default_remove_noise_mean`):
+                Take each channel's spatial mean out of the base's noise z before forming x_T (see
+                `remove_spatial_mean`), so that the overall brightness and colour are the module's alone: the
+                background follows `oms_prompt` far more often. False is the original OMS (z as drawn).
             oms (`bool`, *optional*, defaults to `True`):
                 False runs the base pipeline alone (exactly as calling it).
             num_inference_steps (`int`, *optional*):
@@ -402,6 +424,10 @@ class OMSPipeline(DiffusionPipeline):
                                    latents, prompt_embeds, base_kwargs)
         if oms_guidance_scale is None:
             oms_guidance_scale = self.config.default_oms_guidance_scale
+        if remove_noise_mean is None:
+            remove_noise_mean = self.config.default_remove_noise_mean
+        if not isinstance(remove_noise_mean, bool):
+            raise TypeError(f"`remove_noise_mean` must be True or False, got {remove_noise_mean!r:.100}.")
         if self.base_pipeline is None:
             raise ValueError("The OMS pipeline has no `base_pipeline`; load it with `base_pipeline=` or call `set_base_pipeline`.")
         base = self.base_pipeline
@@ -475,6 +501,8 @@ class OMSPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=base_dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        if remove_noise_mean:
+            latents = remove_spatial_mean(latents)
         x_t = first_latent(original_sample, latents.to(device), alpha_prod.to(device), model_input_scale.to(device),
                            init_noise_sigma)
 
