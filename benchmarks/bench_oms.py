@@ -78,7 +78,8 @@ def generate(pipe, prompts: list[str], seed: int, batch_size: int, oms_prompts: 
 
 def quality_row(pipe, judge, n: int, seed: int, batch_size: int, settings: dict) -> dict[str, Any]:
     result = evaluate_pipeline(pipe, judge, num_prompts=n, seed=seed, batch_size=batch_size, **settings)
-    return {"adherence": result["adherence"], "shapes_fd": result["shapes_fd"], "brightness_error": result["brightness_error"]}
+    keys = ("adherence", "rejected", "fidelity", "drawing_fd", "shapes_fd", "brightness_error")
+    return {key: result[key] for key in keys}
 
 
 def control_row(pipe, judge, n: int, seed: int, batch_size: int, settings: dict, with_oms: bool) -> dict[str, Any]:
@@ -281,8 +282,9 @@ def write_table(args, cache: Cache, tag: str) -> None:
         f" {args.oms_noise_mean or 'as the module stores'}) in front of each base at its default"
         " sampler (teacher: 25 DDIM steps, CFG 4; shapes-snoopi: one step). A range is min-max over seeds.",
         "",
-        "| base | OMS | seeds x prompts | brightness error | all | shape | colour | size | position | background | shapes_fd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| base | OMS | seeds x prompts | brightness error | all | shape | colour | size | position | background"
+        " | rejected | fidelity | drawing_fd | shapes_fd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in BASES:
         seeds, n, control_n, _ = plan(args, model)
@@ -293,7 +295,9 @@ def write_table(args, cache: Cache, tag: str) -> None:
             record["rows"][f"quality|{model}|{variant}"] = found
             cells = [f"{len(seeds)} x {n}", spread([r["brightness_error"] for r in found], 2)]
             cells += [spread([r["adherence"][a] for r in found], 3) for a in ATTRIBUTES]
-            cells += [spread([r["shapes_fd"] for r in found], 1)]
+            for key, digits in (("rejected", 3), ("fidelity", 2), ("drawing_fd", 1), ("shapes_fd", 1)):
+                # rows cached before a measure was recorded leave its cell empty
+                cells.append(spread([r[key] for r in found], digits) if all(key in r for r in found) else "")
             lines.append(f"| {model} | {'with' if variant != 'none' else 'without'} | " + " | ".join(cells) + " |")
     floor = rows.get(f"floor|{args.n}")
     if floor is not None:
