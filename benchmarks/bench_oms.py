@@ -199,7 +199,8 @@ def plan(args: argparse.Namespace, model: str) -> tuple[list[int], int, int, int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oms", default="shapes-oms", help="The OMS module (embedded name or folder).")
-    parser.add_argument("--oms-guidance-scale", type=float, default=1.0)
+    parser.add_argument("--oms-guidance-scale", type=float, default=None,
+                        help="CFG on the OMS module (default: the module's stored scale).")
     parser.add_argument("--oms-noise-mean", choices=["keep", "remove"], default=None,
                         help="Keep or remove the base noise's spatial mean (default: the module's stored choice).")
     parser.add_argument("--n", type=int, default=1000, help="Evaluation prompts per quality row.")
@@ -230,7 +231,7 @@ def main() -> None:
     cache = Cache(args.cache)
     judge = ShapesJudge.from_pretrained()
     oms_settings = {"oms_guidance_scale": args.oms_guidance_scale}
-    tag = f"{args.oms}|cfg{args.oms_guidance_scale}"
+    tag = f"{args.oms}|cfg{args.oms_guidance_scale if args.oms_guidance_scale is not None else '-stored'}"
     if args.oms_noise_mean is not None:
         oms_settings["remove_noise_mean"] = args.oms_noise_mean == "remove"
         tag += f"|noise-mean-{args.oms_noise_mean}"
@@ -278,7 +279,7 @@ def write_table(args, cache: Cache, tag: str) -> None:
     rows = cache.rows
     record: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
     lines = [
-        f"OMS module `{args.oms}` (OMS guidance {args.oms_guidance_scale}, base noise mean:"
+        f"OMS module `{args.oms}` (OMS guidance {args.oms_guidance_scale if args.oms_guidance_scale is not None else 'as the module stores'}, base noise mean:"
         f" {args.oms_noise_mean or 'as the module stores'}) in front of each base at its default"
         " sampler (teacher: 25 DDIM steps, CFG 4; shapes-snoopi: one step). A range is min-max over seeds.",
         "",
