@@ -31,6 +31,7 @@ SEEDING_PROBE = textwrap.dedent(
     gathered = accelerator.gather(torch.cat([initial_weight.flatten(), batch.float(), torch.randn(4)])[None])
     if accelerator.is_main_process:
         print("PROBE " + json.dumps(gathered.tolist()))
+    accelerator.end_training()  # tear gloo down in order; a process that exits with it alive can abort
     """
 )
 
