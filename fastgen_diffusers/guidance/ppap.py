@@ -165,8 +165,8 @@ class PPAPGuidance:
         labels: Sequence[str],
         num_experts: int = 5,
         log_snr_range: tuple[float, float] = SD_LOG_SNR_RANGE,
-        lora_rank: int = 8,
-        lora_alpha: int = 8,
+        lora_rank: int = 16,
+        lora_alpha: int = 16,
         latent_channels: int = 4,
     ) -> "PPAPGuidance":
         """Fresh experts for `guide`: equal log-SNR ranges over `log_snr_range`, LoRA adapters at their start."""
