@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train PPAP's noise-range experts for an off-the-shelf guide by data-free knowledge transfer.
 
-No labelled data: the diffusion model generates the training images from generic prompts (`--prompts_file`,
+No labelled data: the diffusion model generates the training images from a prompt source (`--prompts_file`,
 `--dataset_name` or `--shapesworld_prompts`, plus `--empty_prompt_prob` of empty ones), the guide labels them clean
-(it reads the decoded image), and each expert learns to match the guide on the latent noised into its own log-SNR
+(it reads the decoded image; the prompts are never labels, and captions that name what the guide reads give it
+clean images to label confidently, docs/ppap.md), and each expert learns to match the guide on the latent noised into its own log-SNR
 range: KL to the guide's softmax sharpened at `--temperature` (0.25, as the original) for a classifier, squared
 error for a regressor. Experts train one after another, each warm-started from the previous one (adapter weights
 and optimizer state, as the original), with the learning rate annealed linearly to zero within each expert.
